@@ -1,0 +1,78 @@
+"""TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from saesweep.saes.base import SAE
+from saesweep.saes.registry import register_architecture
+
+
+def topk_activation(hidden_pre: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest entries of each row of [..., d_sae] (ReLU applied),
+    zero the rest. Exactly k entries are kept even when values tie."""
+    values, indices = torch.topk(hidden_pre, k, dim=-1, sorted=False)
+    return torch.zeros_like(hidden_pre).scatter(-1, indices, torch.relu(values))
+
+
+def auxk_loss(
+    sae: SAE,
+    *,
+    x_scaled: torch.Tensor,
+    out_scaled: torch.Tensor,
+    hidden_pre: torch.Tensor,
+    dead_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """AuxK loss of Gao et al. 2024 (appendix A.2): the top k_aux dead latents
+    reconstruct the residual e = x - x_hat, and the squared error is divided by
+    the variance of e, then scaled by min(1, n_dead / k_aux)."""
+    if dead_mask is None:
+        return hidden_pre.new_zeros(())
+    n_dead = int(dead_mask.sum())
+    if n_dead == 0:
+        return hidden_pre.new_zeros(())
+    k_aux = sae.cfg.aux_k or sae.cfg.d_in // 2
+    scale = min(1.0, n_dead / k_aux)
+    k_aux = min(k_aux, n_dead)
+    dead_pre = torch.where(dead_mask, hidden_pre, torch.full_like(hidden_pre, -torch.inf))
+    aux_acts = topk_activation(dead_pre, k_aux)
+    residual = (x_scaled - out_scaled).detach()
+    residual_hat = aux_acts @ sae.W_dec
+    error = (residual_hat - residual).pow(2).sum()
+    variance = (residual - residual.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+    loss = sae.cfg.aux_k_coefficient * scale * error / variance
+    return torch.nan_to_num(loss, nan=0.0)
+
+
+@register_architecture
+class TopKSAE(SAE):
+    """Exactly k latents fire per token; decoder rows are kept at unit norm and
+    the AuxK loss revives dead latents."""
+
+    architecture = "topk"
+    saved_architecture = "topk"
+    sparsity_coefficient = "k"
+    unit_norm_decoder = True
+
+    def activation(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        return topk_activation(hidden_pre, self.cfg.k)
+
+    def auxiliary_losses(
+        self, *, x_scaled, out_scaled, hidden_pre, dead_mask, **_
+    ) -> dict[str, torch.Tensor]:
+        aux = auxk_loss(self, x_scaled=x_scaled, out_scaled=out_scaled, hidden_pre=hidden_pre, dead_mask=dead_mask)
+        return {"auxiliary_reconstruction_loss": aux}
+
+    def load_inference_state_dict(self, tensors: dict[str, torch.Tensor], cfg_dict: dict[str, Any]) -> None:
+        # SAELens topk files may ask to divide latents by the decoder norm at run
+        # time; folding the norms into W_enc, b_enc and W_dec gives the same
+        # outputs with plain topk.
+        if cfg_dict.get("rescale_acts_by_decoder_norm"):
+            tensors = dict(tensors)
+            norms = tensors["W_dec"].norm(dim=-1).clamp_min(1e-8)
+            tensors["W_dec"] = tensors["W_dec"] / norms[:, None]
+            tensors["W_enc"] = tensors["W_enc"] * norms[None, :]
+            tensors["b_enc"] = tensors["b_enc"] * norms
+        super().load_inference_state_dict(tensors, cfg_dict)
