@@ -118,10 +118,13 @@ class SAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.W_dec.dtype
 
-    def _scale(self) -> float:
+    def activation_norm_scale_in_use(self) -> float:
+        """The factor inputs are multiplied by before encoding (1.0 without normalization)."""
         if self.cfg.normalize_activations == "expected_average_only_in":
             return self.activation_norm_scale
         return 1.0
+
+    _scale = activation_norm_scale_in_use
 
     def process_sae_in(self, x: torch.Tensor) -> torch.Tensor:
         """[..., d_in] raw activations -> [..., d_in] encoder input (scaled, centred)."""

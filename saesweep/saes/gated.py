@@ -19,14 +19,17 @@ class GatedSAE(SAE):
         f(x) = 1[pi_gate > 0] * relu(pi_mag)
         pi_gate = x' W_enc + b_gate,   pi_mag = x' (W_enc * exp(r_mag)) + b_mag
 
-    The L1 penalty acts on relu(pi_gate) weighted by decoder norm; an auxiliary
-    loss reconstructs x from relu(pi_gate) through a frozen copy of the decoder,
-    so the gate gets a gradient.
+    The L1 penalty acts on relu(pi_gate); an auxiliary loss reconstructs x from
+    relu(pi_gate) through a frozen copy of the decoder, so the gate gets a
+    gradient. Decoder rows are kept at unit norm as in the paper: with a free
+    decoder norm the magnitude path (exp(r_mag)) lets training shrink the
+    decoder and escape the penalty.
     """
 
     architecture = "gated"
     saved_architecture = "gated"
     sparsity_coefficient = "l1_coefficient"
+    unit_norm_decoder = True
 
     def _init_architecture_parameters(self) -> None:
         d_sae = self.cfg.d_sae

@@ -1,0 +1,132 @@
+"""The trainer on synthetic sparse data with a known dictionary."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from saesweep import SAE, SAEConfig
+from saesweep.training.metrics import evaluate_sae
+from saesweep.training.trainer import SAETrainer, TrainerConfig, TrainingDivergedError, lr_factor, rebatch
+
+D_IN, N_FEATURES, D_SAE = 32, 64, 128
+
+
+def synthetic_batch(n: int, seed: int, active: int = 3) -> torch.Tensor:
+    """[n, D_IN] sums of `active` dictionary directions with random magnitudes, plus an offset."""
+    dictionary = torch.randn(N_FEATURES, D_IN, generator=torch.Generator().manual_seed(123))
+    dictionary /= dictionary.norm(dim=-1, keepdim=True)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.rand(n, N_FEATURES, generator=generator).argsort(dim=-1)[:, :active]
+    magnitudes = torch.zeros(n, N_FEATURES)
+    magnitudes.scatter_(1, chosen, torch.rand(n, active, generator=generator) + 0.5)
+    return magnitudes @ dictionary + 2.0
+
+
+def synthetic_stream(seed: int):
+    step = 0
+    while True:
+        yield synthetic_batch(1024, seed=seed * 100_000 + step)
+        step += 1
+
+
+# Sparsity settings and the held-out explained variance each architecture must
+# reach after 300 steps of 1024 tokens (the data has 3 active features per token).
+RECOVERY_CASES = {
+    "standard": ({"l1_coefficient": 0.3}, 0.85),
+    "gated": ({"l1_coefficient": 0.3}, 0.85),
+    "jumprelu": ({"l0_coefficient": 0.01}, 0.85),
+    "topk": ({"k": 3}, 0.85),
+    "batchtopk": ({"k": 3}, 0.85),
+}
+
+
+@pytest.mark.parametrize("architecture", sorted(RECOVERY_CASES))
+def test_training_recovers_synthetic_dictionary(architecture):
+    overrides, min_explained_variance = RECOVERY_CASES[architecture]
+    sae = SAE.from_config(SAEConfig(architecture=architecture, d_in=D_IN, d_sae=D_SAE, **overrides))
+    logged: list[dict[str, float]] = []
+    cfg = TrainerConfig(total_tokens=300 * 1024, batch_size=1024, lr=3e-3, log_every_steps=50, dead_latent_window=20_000)
+    SAETrainer(sae, cfg, log_fn=lambda step, metrics: logged.append(metrics)).fit(synthetic_stream(seed=1))
+
+    assert logged[-1]["tokens_trained"] == 300 * 1024
+    assert logged[-1]["loss"] < 0.5 * logged[0]["loss"]
+    heldout = evaluate_sae(sae, [synthetic_batch(4096, seed=999)])
+    assert heldout.explained_variance > min_explained_variance
+    if architecture == "topk":
+        assert heldout.l0 == 3.0
+
+
+def test_unit_norm_decoder_kept_after_steps():
+    sae = SAE.from_config(SAEConfig(architecture="topk", d_in=D_IN, d_sae=D_SAE, k=4))
+    SAETrainer(sae, TrainerConfig(total_tokens=10 * 256, batch_size=256, lr=1e-2)).fit(synthetic_stream(seed=2))
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(D_SAE))
+
+
+def test_nan_loss_raises_with_step_and_fix():
+    sae = SAE.from_config(SAEConfig(architecture="standard", d_in=D_IN, d_sae=D_SAE))
+    bad = torch.full((256, D_IN), float("nan"))
+    trainer = SAETrainer(sae, TrainerConfig(total_tokens=1024, batch_size=256))
+    with pytest.raises(TrainingDivergedError, match="at step 0.*lower the learning rate"):
+        trainer.fit(iter([bad] * 4))
+
+
+def test_resume_from_state_matches_uninterrupted_run():
+    def make():
+        sae = SAE.from_config(SAEConfig(architecture="jumprelu", d_in=D_IN, d_sae=D_SAE, l0_coefficient=0.01))
+        cfg = TrainerConfig(total_tokens=20 * 256, batch_size=256, lr=3e-3, lr_schedule="cosine", lr_warmup_steps=3)
+        return SAETrainer(sae, cfg)
+
+    batches = [synthetic_batch(256, seed=i) for i in range(20)]
+    straight = make()
+    straight.fit(iter(batches))
+
+    first = make()
+    first.fit(iter(batches[:8]))
+    assert first.step == 8
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    resumed.fit(iter(batches[8:]))
+
+    assert resumed.step == straight.step == 20
+    for name, tensor in straight.sae.state_dict().items():
+        torch.testing.assert_close(resumed.sae.state_dict()[name], tensor)
+
+
+def test_stop_request_writes_checkpoint():
+    sae = SAE.from_config(SAEConfig(architecture="standard", d_in=D_IN, d_sae=D_SAE))
+    checkpoints: list[int] = []
+    trainer = SAETrainer(
+        sae,
+        TrainerConfig(total_tokens=100 * 256, batch_size=256),
+        checkpoint_fn=lambda t: checkpoints.append(t.step),
+    )
+
+    def stream():
+        for i in range(100):
+            if i == 5:
+                trainer.request_stop()
+            yield synthetic_batch(256, seed=i)
+
+    trainer.fit(stream())
+    assert checkpoints == [5]
+    assert not trainer.done
+
+
+def test_lr_schedule_warmup_and_decay():
+    cfg = TrainerConfig(total_tokens=100, batch_size=1, lr_warmup_steps=10, lr_schedule="linear", lr_decay_steps=20)
+    assert lr_factor(cfg, 0) == pytest.approx(0.1)
+    assert lr_factor(cfg, 9) == pytest.approx(1.0)
+    assert lr_factor(cfg, 50) == 1.0
+    assert lr_factor(cfg, 90) == pytest.approx(0.5)
+    cosine = TrainerConfig(total_tokens=100, batch_size=1, lr_schedule="cosine")
+    assert lr_factor(cosine, 50) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_rebatch_regroups_uneven_batches():
+    parts = [torch.arange(n * 2, dtype=torch.float32).reshape(n, 2) for n in (3, 5, 1, 7)]
+    out = list(rebatch(iter(parts), 4))
+    assert [b.shape[0] for b in out] == [4, 4, 4, 4]
+    torch.testing.assert_close(torch.cat(out), torch.cat(parts)[:16])
