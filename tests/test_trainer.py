@@ -49,7 +49,7 @@ def test_training_recovers_synthetic_dictionary(architecture):
     sae = SAE.from_config(SAEConfig(architecture=architecture, d_in=D_IN, d_sae=D_SAE, **overrides))
     logged: list[dict[str, float]] = []
     cfg = TrainerConfig(total_tokens=300 * 1024, batch_size=1024, lr=3e-3, log_every_steps=50, dead_latent_window=20_000)
-    SAETrainer(sae, cfg, log_fn=lambda step, metrics: logged.append(metrics)).fit(synthetic_stream(seed=1))
+    SAETrainer(sae, cfg, report_fn=lambda trainer, report: logged.append(report.metrics)).fit(synthetic_stream(seed=1))
 
     assert logged[-1]["tokens_trained"] == 300 * 1024
     assert logged[-1]["loss"] < 0.5 * logged[0]["loss"]
@@ -98,11 +98,12 @@ def test_resume_from_state_matches_uninterrupted_run():
 def test_stop_request_writes_checkpoint():
     sae = SAE.from_config(SAEConfig(architecture="standard", d_in=D_IN, d_sae=D_SAE))
     checkpoints: list[int] = []
-    trainer = SAETrainer(
-        sae,
-        TrainerConfig(total_tokens=100 * 256, batch_size=256),
-        checkpoint_fn=lambda t: checkpoints.append(t.step),
-    )
+
+    def record(trainer, report):
+        if report.checkpoint:
+            checkpoints.append(report.step)
+
+    trainer = SAETrainer(sae, TrainerConfig(total_tokens=100 * 256, batch_size=256), report_fn=record)
 
     def stream():
         for i in range(100):
@@ -113,6 +114,25 @@ def test_stop_request_writes_checkpoint():
     trainer.fit(stream())
     assert checkpoints == [5]
     assert not trainer.done
+
+
+def test_reports_at_log_and_checkpoint_steps():
+    sae = SAE.from_config(SAEConfig(architecture="standard", d_in=D_IN, d_sae=D_SAE))
+    reports = []
+    cfg = TrainerConfig(total_tokens=10 * 64, batch_size=64, log_every_steps=4, checkpoint_every_steps=3)
+    SAETrainer(sae, cfg, report_fn=lambda trainer, report: reports.append(report)).fit(synthetic_stream(seed=3))
+
+    assert [(r.step, bool(r.metrics), r.checkpoint, r.final) for r in reports] == [
+        (3, False, True, False),
+        (4, True, False, False),
+        (6, False, True, False),
+        (8, True, False, False),
+        (9, False, True, False),
+        (10, True, False, True),
+    ]
+    assert reports[-1].metrics["tokens_trained"] == 640
+    for name in ("explained_variance", "l0", "l1", "mse", "dead_latents_frac", "lr", "mse_loss", "l1_loss"):
+        assert name in reports[1].metrics, name
 
 
 def test_lr_schedule_warmup_and_decay():

@@ -107,31 +107,37 @@ def rebatch(batches: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.
             held = rest.shape[0]
 
 
-LogFn = Callable[[int, dict[str, float]], None]
-CheckpointFn = Callable[["SAETrainer"], None]
+@dataclass
+class Report:
+    """What the trainer hands to its `report_fn` at a logging or checkpoint step."""
+
+    step: int
+    tokens_trained: int
+    metrics: dict[str, float]
+    """Metrics over the steps since the previous report with metrics; empty when
+    the step is only a checkpoint step."""
+    checkpoint: bool
+    """True when the receiver should save `trainer.state_dict()` now."""
+    final: bool
+    """True for the last report of `fit`."""
+
+
+ReportFn = Callable[["SAETrainer", Report], None]
 
 
 class SAETrainer:
     """Train one SAE on activations from any iterator of [n, d_in] tensors.
 
-    The trainer knows nothing about where activations come from. `log_fn(step,
-    metrics)` receives a metrics dict every `log_every_steps` steps and at the
-    end; `checkpoint_fn(trainer)` is called every `checkpoint_every_steps`
-    steps and when `request_stop()` ends training early.
+    The trainer knows nothing about where activations come from. `report_fn`
+    receives a `Report` every `log_every_steps` steps, every
+    `checkpoint_every_steps` steps (with `checkpoint=True`), when a stop request
+    ends training early (with `checkpoint=True`), and at the end of `fit`.
     """
 
-    def __init__(
-        self,
-        sae: SAE,
-        cfg: TrainerConfig,
-        *,
-        log_fn: LogFn | None = None,
-        checkpoint_fn: CheckpointFn | None = None,
-    ):
+    def __init__(self, sae: SAE, cfg: TrainerConfig, *, report_fn: ReportFn | None = None):
         self.sae = sae
         self.cfg = cfg
-        self.log_fn = log_fn
-        self.checkpoint_fn = checkpoint_fn
+        self.report_fn = report_fn
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
         self.firing = FiringTracker(sae.cfg.d_sae, cfg.dead_latent_window, cfg.dense_threshold)
         self.window = ReconstructionAccumulator(sae.cfg.d_in)
@@ -157,7 +163,7 @@ class SAETrainer:
         return min(1.0, (self.step + 1) / self.cfg.sparsity_warmup_steps)
 
     def fit(self, batches: Iterable[torch.Tensor]) -> dict[str, float]:
-        """Train until `total_tokens` or a stop request; return the last logged metrics."""
+        """Train until `total_tokens` or a stop request; return the last metrics."""
         last_metrics: dict[str, float] = {}
         logger.info(
             "training %s SAE d_sae=%d from step %d for %d tokens",
@@ -170,19 +176,24 @@ class SAETrainer:
             if self.done or self.stop_requested:
                 break
             self.train_step(batch)
-            if self.step % self.cfg.log_every_steps == 0 or self.done:
-                last_metrics = self.log_metrics()
-            if self.cfg.checkpoint_every_steps and self.step % self.cfg.checkpoint_every_steps == 0:
-                self._checkpoint()
+            if self.done or self.stop_requested:
+                break
+            log_due = self.step % self.cfg.log_every_steps == 0
+            checkpoint_due = bool(self.cfg.checkpoint_every_steps) and self.step % self.cfg.checkpoint_every_steps == 0
+            if log_due or checkpoint_due:
+                metrics = self.log_metrics() if log_due else {}
+                last_metrics = metrics or last_metrics
+                self._report(metrics, checkpoint=checkpoint_due, final=False)
+
         if self.stop_requested:
             logger.info("stop requested at step %d: writing a checkpoint", self.step)
-            self._checkpoint()
         elif not self.done:
             logger.warning(
                 "activation stream ended after %d of %d tokens", self.tokens_trained, self.cfg.total_tokens
             )
-        if self.window.n_tokens:
-            last_metrics = self.log_metrics()
+        metrics = self.log_metrics() if self.window.n_tokens else {}
+        last_metrics = metrics or last_metrics
+        self._report(metrics, checkpoint=self.stop_requested, final=True)
         return last_metrics
 
     def train_step(self, x: torch.Tensor) -> None:
@@ -200,7 +211,7 @@ class SAETrainer:
         if not torch.isfinite(output.loss):
             terms = {name: float(value.detach()) for name, value in output.losses.items()}
             raise TrainingDivergedError(
-                f"loss is {float(output.loss)} at step {self.step} (terms {terms}): "
+                f"loss is {float(output.loss.detach())} at step {self.step} (terms {terms}): "
                 "lower the learning rate or the sparsity coefficient"
             )
 
@@ -232,7 +243,7 @@ class SAETrainer:
         logger.info("initialized b_dec to the mean of the first batch (norm %.3g)", float(mean.norm()))
 
     def log_metrics(self) -> dict[str, float]:
-        """Summarize the steps since the last call and send them to `log_fn`."""
+        """Summarize the steps since the previous call."""
         metrics: dict[str, float] = {}
         if self.window.n_tokens:
             metrics.update(self.window.compute().as_dict())
@@ -253,13 +264,12 @@ class SAETrainer:
         self._steps_in_window = 0
         self._window_start = time.perf_counter()
         self._window_tokens = 0
-        if self.log_fn is not None:
-            self.log_fn(self.step, metrics)
         return metrics
 
-    def _checkpoint(self) -> None:
-        if self.checkpoint_fn is not None:
-            self.checkpoint_fn(self)
+    def _report(self, metrics: dict[str, float], *, checkpoint: bool, final: bool) -> None:
+        if self.report_fn is not None:
+            report = Report(self.step, self.tokens_trained, metrics, checkpoint=checkpoint, final=final)
+            self.report_fn(self, report)
 
     # resume -----------------------------------------------------------------------
 

@@ -1,0 +1,189 @@
+"""One Tune trial: train one SAE config on one hookpoint from an activation server."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from saesweep.activations.client import ActivationClient
+from saesweep.experiment import ExperimentConfig
+from saesweep.saes import SAE
+from saesweep.sweep.space import trial_sae_config
+from saesweep.training.metrics import evaluate_sae
+from saesweep.training.trainer import Report, SAETrainer, TrainerConfig
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE_FILENAME = "trainer_state.pt"
+SAE_FOLDER = "sae"
+HELDOUT_PREFIX = "heldout_"
+
+
+@dataclass(frozen=True)
+class ServerRoutes:
+    """Ray actor names of the activation servers, per hookpoint."""
+
+    namespace: str
+    train: dict[str, str]
+    """hookpoint -> name of the server that streams its training activations."""
+    heldout: str | None
+    """Name of the server that streams held-out text for evaluation, or None."""
+
+
+def trainer_config(exp: ExperimentConfig) -> TrainerConfig:
+    """The trainer settings of every trial of `exp`."""
+    training = exp.training
+    return TrainerConfig(
+        total_tokens=training.tokens_per_trial,
+        batch_size=training.batch_size_tokens,
+        lr=training.lr,
+        adam_beta1=training.adam_betas[0],
+        adam_beta2=training.adam_betas[1],
+        lr_warmup_steps=training.lr_warmup_steps,
+        lr_schedule=training.lr_schedule,
+        lr_decay_steps=training.lr_decay_steps or 0,
+        sparsity_warmup_steps=training.sparsity_warmup_steps,
+        grad_clip_norm=training.grad_clip_norm,
+        dead_latent_window=training.dead_latent_window_tokens,
+        log_every_steps=training.log_every_steps,
+        checkpoint_every_steps=training.checkpoint_every_steps,
+    )
+
+
+def _torch_threads() -> int:
+    """One torch thread per whole CPU Ray assigned to this trial (at least one)."""
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    except Exception:  # noqa: BLE001 - outside Ray: keep torch's default
+        return torch.get_num_threads()
+    return max(1, math.floor(cpus))
+
+
+def _install_sigterm_checkpoint(trainer: SAETrainer) -> None:
+    """Ask the trainer to stop and checkpoint on SIGTERM.
+
+    NOTE: Python accepts signal handlers only in the main thread; Tune runs
+    function trainables in a worker thread, where this is skipped and the
+    periodic checkpoints are what a resumed trial starts from.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        logger.warning("SIGTERM: stopping after this step and writing a checkpoint")
+        trainer.request_stop()
+
+    signal.signal(signal.SIGTERM, handle)
+
+
+class TuneReporter:
+    """Send trainer reports to Tune, with a checkpoint folder when one is due."""
+
+    def __init__(self, trial_tags: dict[str, Any]):
+        self.trial_tags = trial_tags
+        self.last_metrics: dict[str, float] = {}
+
+    def __call__(self, trainer: SAETrainer, report: Report) -> None:
+        self.last_metrics.update(report.metrics)
+        metrics = {**self.last_metrics, "step": report.step, "tokens_trained": float(report.tokens_trained)}
+        if report.checkpoint:
+            with tempfile.TemporaryDirectory() as folder:
+                save_checkpoint(trainer, Path(folder))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        elif not report.final:
+            tune.report(metrics)
+
+
+def save_checkpoint(trainer: SAETrainer, folder: Path, sparsity: bool = False) -> None:
+    """Write the trainer state and the SAE (SAELens files, scale folded in) to `folder`."""
+    torch.save(trainer.state_dict(), folder / TRAINER_STATE_FILENAME)
+    log_density = trainer.firing.log10_density() if sparsity else None
+    trainer.sae.save_model(folder / SAE_FOLDER, sparsity=log_density)
+
+
+def run_trial(config: dict[str, Any], *, exp: ExperimentConfig, routes: ServerRoutes) -> None:
+    """Tune function trainable: train, evaluate on held-out text, report, save."""
+    hookpoint = config["hookpoint"]
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    torch.set_num_threads(_torch_threads())
+    logger.info("trial %s starts: hookpoint %s, config %s", trial_id, hookpoint, config)
+
+    server = ray.get_actor(routes.train[hookpoint], namespace=routes.namespace)
+    trainer_cfg = trainer_config(exp)
+    client = ActivationClient(
+        server,
+        hookpoint,
+        batch_size=trainer_cfg.batch_size,
+        shuffle_buffer_tokens=exp.servers.shuffle_buffer_tokens,
+        seed=exp.training.seed,
+    )
+    try:
+        sae_cfg = trial_sae_config(
+            exp,
+            config,
+            d_in=client.d_in,
+            metadata={"tune_trial_id": trial_id, "served_positions": "no padding, BOS, separator or position 0"},
+        )
+        sae = SAE.from_config(sae_cfg)
+        sae.activation_norm_scale = client.norm_scale
+        reporter = TuneReporter({"hookpoint": hookpoint, **config})
+        trainer = SAETrainer(sae, trainer_cfg, report_fn=reporter)
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                trainer.load_state_dict(torch.load(Path(folder) / TRAINER_STATE_FILENAME, weights_only=False))
+            logger.info("trial %s resumes at step %d", trial_id, trainer.step)
+        _install_sigterm_checkpoint(trainer)
+
+        trainer.fit(client)
+        if trainer.stop_requested:
+            return
+    except Exception:
+        logger.exception("trial %s on %s failed", trial_id, hookpoint)
+        raise
+    finally:
+        client.close()
+
+    heldout = _evaluate(sae, exp, routes, hookpoint)
+    metrics = {
+        **reporter.last_metrics,
+        **{HELDOUT_PREFIX + name: value for name, value in heldout.items()},
+        "step": trainer.step,
+        "tokens_trained": float(trainer.tokens_trained),
+        "done": True,
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(trainer, Path(folder), sparsity=True)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+    logger.info(
+        "trial %s done: %s explained variance %.4f, L0 %.1f on held-out text",
+        trial_id,
+        hookpoint,
+        heldout.get("explained_variance", float("nan")),
+        heldout.get("l0", float("nan")),
+    )
+
+
+def _evaluate(sae: SAE, exp: ExperimentConfig, routes: ServerRoutes, hookpoint: str) -> dict[str, float]:
+    """Reconstruction metrics of `sae` on `eval_tokens` activations of held-out text."""
+    if routes.heldout is None or exp.training.eval_tokens <= 0:
+        return {}
+    server = ray.get_actor(routes.heldout, namespace=routes.namespace)
+    client = ActivationClient(server, hookpoint, batch_size=min(4096, exp.training.eval_tokens), shuffle_buffer_tokens=0)
+    try:
+        sae.eval()
+        metrics = evaluate_sae(sae, client, max_tokens=exp.training.eval_tokens)
+    finally:
+        client.close()
+    return {**metrics.as_dict(), "eval_tokens": float(metrics.n_tokens)}
