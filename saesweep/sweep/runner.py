@@ -89,9 +89,12 @@ def _server_config(exp: ExperimentConfig, hookpoints: list[str], split: str) -> 
         random_weights=exp.model.random_weights,
         load_options=dict(exp.model.load_options),
         dataset=exp.data.dataset,
+        text_column=exp.data.text_column,
         split=split,
         context_size=exp.data.context_size,
         seed=exp.data.seed,
+        # 1 keeps the packed order of the windows.
+        shuffle_windows=ServerConfig.shuffle_windows if exp.data.shuffle else 1,
         sequences_per_batch=exp.servers.sequences_per_batch,
         max_batches_in_flight=exp.servers.max_batches_in_flight,
         norm_estimate_tokens=exp.servers.normalization_tokens,
