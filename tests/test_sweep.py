@@ -19,7 +19,7 @@ def small_experiment(tmp_path, **sections) -> dict:
     """A sweep of 3 small trials on one hookpoint of the embedded model."""
     data = {
         "name": "tiny",
-        "model": {"name": "smollm2-135m", "dtype": "bfloat16"},
+        "model": {"name": "smollm2-135m", "dtype": "float32"},
         "data": {"dataset": "embedded", "context_size": 64},
         "hookpoints": {"names": ["blocks.2.hook_resid_pre"]},
         "sae": {"normalize_activations": "expected_average_only_in"},
@@ -45,7 +45,7 @@ def small_experiment(tmp_path, **sections) -> dict:
             "shuffle_buffer_tokens": 1024,
             "normalization_tokens": 1024,
         },
-        "mlflow": {"enabled": False},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
         "champion": {"l0_max": 100},
         "output_dir": str(tmp_path / "results"),
     }
@@ -120,3 +120,83 @@ def test_summary_written(finished_sweep):
     summary = json.loads((__import__("pathlib").Path(result.tune_path) / SUMMARY_FILENAME).read_text())
     assert summary["lm_forward_tokens"] == result.lm_forward_tokens
     assert len(summary["trials"]) == 3
+
+
+def _mlflow_client(exp):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=exp.mlflow.resolve_tracking_uri(exp.output_dir))
+
+
+def test_mlflow_has_one_parent_and_a_child_per_trial(finished_sweep):
+    exp, result, _ = finished_sweep
+    client = _mlflow_client(exp)
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+    assert len(parents) == 1
+    assert parents[0].info.run_id == result.mlflow_parent_run_id
+    assert len(children) == 3
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {result.mlflow_parent_run_id}
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED", "FINISHED"]
+    assert parents[0].data.metrics["lm_forward_tokens"] == result.lm_forward_tokens
+    assert parents[0].data.metrics["trials_failed"] == 1
+    assert parents[0].data.params["model.name"] == "smollm2-135m"
+    assert not (__import__("pathlib").Path.cwd() / "mlruns").exists()
+
+
+def test_mlflow_child_metrics_have_increasing_steps(finished_sweep):
+    exp, _, _ = finished_sweep
+    client = _mlflow_client(exp)
+    experiment = client.get_experiment_by_name("tiny")
+    children = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'FINISHED' and tags.architecture != ''")
+    children = [c for c in children if "mlflow.parentRunId" in c.data.tags]
+    assert len(children) == 2
+    for child in children:
+        for tag in ("hookpoint", "architecture", "expansion_factor", "coefficient", "saesweep.tune_trial_id"):
+            assert tag in child.data.tags, tag
+        for name in ("explained_variance", "l0", "mse", "l1", "dead_latents_frac", "tokens_trained", "lr"):
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, name)]
+            assert steps == sorted(set(steps)), (name, steps)
+            assert len(steps) >= 2, name
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "sae")}
+        assert artifacts == {"sae/cfg.json", "sae/sae_weights.safetensors", "sae/sparsity.safetensors"}
+
+
+def test_champion_downloads_from_registry_and_reproduces_l0(finished_sweep, tmp_path, monkeypatch):
+    import mlflow
+
+    from saesweep.activations.models import load_model, model_info
+    from saesweep.evaluation.heldout import heldout_activations, heldout_token_batches
+    from saesweep.sweep.runner import _server_config
+    from saesweep.training.metrics import evaluate_sae
+
+    exp, result, _ = finished_sweep
+    hookpoint = "blocks.2.hook_resid_pre"
+    champion = result.champions[hookpoint]
+    assert result.registered[hookpoint]["promoted"]
+    uri = exp.mlflow.resolve_tracking_uri(exp.output_dir)
+    # NOTE: mlflow 3.17 resolves models:/ URIs through the registry URI of the
+    # environment even when registry_uri is passed, so the test sets both.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    folder = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/saesweep.smollm2-135m.{hookpoint}@champion",
+        dst_path=str(tmp_path),
+        tracking_uri=uri,
+        registry_uri=uri,
+    )
+    ours = SAE.load_from_disk(folder)
+    theirs = sae_lens.SAE.load_from_disk(folder)
+
+    config = _server_config(exp, [hookpoint], "heldout")
+    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    policy = model_info(config.model).token_policy()
+    batches = heldout_token_batches(config, tokenizer, policy, exp.training.eval_tokens)
+    activations = heldout_activations(model, batches, hookpoint, exp.training.eval_tokens, "cpu")
+    metrics = evaluate_sae(ours, [activations])
+    assert metrics.l0 == pytest.approx(champion.metrics["heldout_l0"], rel=1e-6)
+    assert metrics.explained_variance == pytest.approx(champion.metrics["heldout_explained_variance"], rel=1e-5)
+    torch.testing.assert_close(theirs(activations[:8]), ours(activations[:8]))

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +16,16 @@ import ray
 from ray import tune
 
 from saesweep import raycluster
+from saesweep.activations.models import model_info
 from saesweep.activations.server import ServerConfig, start_server
+from saesweep.evaluation.heldout import start_evaluation_server
 from saesweep.experiment import ExperimentConfig
 from saesweep.sweep.live import LiveView
 from saesweep.sweep.space import build_param_space, build_tune_config, count_trials
-from saesweep.sweep.trial import HELDOUT_PREFIX, SAE_FOLDER, ServerRoutes, run_trial
+from saesweep.sweep.trial import SAE_FOLDER, ServerRoutes, TrialTracking, run_trial
+from saesweep.tracking.champions import choose_champions, describe_policy, register_champions
+from saesweep.tracking.runs import SweepTracker
+from saesweep.tracking.settings import enable_sqlite_wal, redact, tracking_settings
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +57,10 @@ class SweepResult:
     lm_forward_tokens: int
     wall_time_s: float
     server_stats: list[dict[str, Any]] = field(default_factory=list)
+    champions: dict[str, TrialOutcome] = field(default_factory=dict)
+    policy_text: str = ""
+    registered: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mlflow_parent_run_id: str | None = None
 
     @property
     def tokens_trained(self) -> int:
@@ -69,6 +79,10 @@ class SweepResult:
             "tokens_trained": self.tokens_trained,
             "sharing_ratio": self.sharing_ratio,
             "wall_time_s": self.wall_time_s,
+            "champion_policy": self.policy_text,
+            "champions": {hookpoint: t.trial_id for hookpoint, t in self.champions.items()},
+            "registered": self.registered,
+            "mlflow_parent_run_id": self.mlflow_parent_run_id,
             "trials": [t.__dict__ for t in self.trials],
         }
 
@@ -131,16 +145,16 @@ def start_servers(exp: ExperimentConfig, namespace: str) -> tuple[ServerRoutes, 
 
     heldout_name = None
     if exp.training.eval_tokens > 0:
-        heldout_name = "heldout-server"
+        heldout_name = "evaluation-server"
         handles.append(
-            start_server(
+            start_evaluation_server(
                 _server_config(exp, exp.hookpoint_names, "heldout"),
+                exp.training.eval_tokens,
                 name=heldout_name,
                 num_cpus=min(0.5, resources.cpu),
                 num_gpus=min(resources.gpu, 0.5) if resources.gpu else 0,
                 resources={key: value / 2 for key, value in resources.custom.items()},
                 max_restarts=exp.servers.max_restarts,
-                wait=False,
             )
         )
     ray.get([handle.ready.remote() for handle in handles])
@@ -205,10 +219,20 @@ def run_sweep(
         namespace=namespace,
     )
     namespace = ray.get_runtime_context().namespace
-    routes, handles = start_servers(exp, namespace)
+    info = model_info(exp.model.name, random_weights=exp.model.random_weights, **exp.model.load_options)
 
+    settings = tracking_settings(exp)
+    tracker = None
+    tracking = None
+    if settings is not None:
+        tracker = SweepTracker(settings, tune_path)
+        parent_run_id = tracker.start(exp.name, redact(exp.to_dict()), resume=resume)
+        enable_sqlite_wal(settings.tracking_uri)
+        tracking = TrialTracking(settings=settings, parent_run_id=parent_run_id)
+
+    routes, handles = start_servers(exp, namespace)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, exp=exp, routes=routes),
+        tune.with_parameters(run_trial, exp=exp, routes=routes, tracking=tracking, prepend_bos=info.prepend_bos),
         resources=exp.tune.resources_per_trial.to_ray(),
     )
     live = LiveView(write=write)
@@ -226,14 +250,14 @@ def run_sweep(
         )
     else:
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=build_tune_config(exp), run_config=run_config)
+    n_train_servers = len(set(routes.train.values()))
     try:
         results = tuner.fit()
     finally:
-        stats = [ray.get(handle.stats.remote()) for handle in handles]
+        stats = [ray.get(handle.stats.remote()) for handle in handles[:n_train_servers]]
         for handle in handles:
             ray.kill(handle)
-    n_train_servers = len(set(routes.train.values()))
-    train_stats = stats[:n_train_servers]
+    train_stats = stats
     result = SweepResult(
         experiment=exp.name,
         tune_path=str(tune_path),
@@ -241,12 +265,50 @@ def run_sweep(
         lm_forward_tokens=int(sum(s["lm_forward_tokens"] for s in train_stats)),
         wall_time_s=time.time() - started,
         server_stats=stats,
+        champions={},
+        policy_text=describe_policy(exp.champion),
     )
+    result.champions = choose_champions(result.trials, exp.champion)
+    if tracker is not None:
+        _finish_tracking(tracker, exp, result)
     live.finish(result)
     (tune_path / SUMMARY_FILENAME).write_text(json.dumps(result.to_dict(), indent=2, default=str))
     return result
 
 
-def heldout_metric(name: str) -> str:
-    """The reported name of a metric measured on held-out text."""
-    return HELDOUT_PREFIX + name
+def _finish_tracking(tracker: SweepTracker, exp: ExperimentConfig, result: SweepResult) -> None:
+    """Register the champions and close the parent run with the sweep's totals."""
+    result.mlflow_parent_run_id = tracker.run_id
+    result.registered = register_champions(
+        tracker.client,
+        experiment=exp.mlflow_experiment_name,
+        model_name=exp.model.name,
+        champions=result.champions,
+        child_runs=tracker.child_runs(),
+        policy=exp.champion,
+    )
+    failed = [t for t in result.trials if not t.ok]
+    tracker.log_metrics(
+        {
+            "lm_forward_tokens": result.lm_forward_tokens,
+            "tokens_trained": result.tokens_trained,
+            "sharing_ratio": result.sharing_ratio,
+            "wall_time_s": result.wall_time_s,
+            "trials_done": len(result.trials) - len(failed),
+            "trials_failed": len(failed),
+        }
+    )
+    _log_report(tracker, result)
+    tracker.finish(failed=False)
+
+
+def _log_report(tracker: SweepTracker, result: SweepResult) -> None:
+    """Write the sweep report and log it on the parent run."""
+    try:
+        from saesweep.tracking.report import write_report
+    except ImportError:
+        logger.warning("the sweep report module is not available; no report is logged")
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        write_report(result.trials, result.champions, result.policy_text, Path(folder))
+        tracker.log_artifacts(Path(folder), "report")

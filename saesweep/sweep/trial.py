@@ -16,9 +16,12 @@ import torch
 from ray import tune
 
 from saesweep.activations.client import ActivationClient
+from saesweep.evaluation.heldout import fetch_heldout
 from saesweep.experiment import ExperimentConfig
 from saesweep.saes import SAE
 from saesweep.sweep.space import trial_sae_config
+from saesweep.tracking.runs import TrialTracker
+from saesweep.tracking.settings import TrackingSettings, redact
 from saesweep.training.metrics import evaluate_sae
 from saesweep.training.trainer import Report, SAETrainer, TrainerConfig
 
@@ -27,6 +30,14 @@ logger = logging.getLogger(__name__)
 TRAINER_STATE_FILENAME = "trainer_state.pt"
 SAE_FOLDER = "sae"
 HELDOUT_PREFIX = "heldout_"
+
+
+@dataclass(frozen=True)
+class TrialTracking:
+    """Where a trial logs: the MLflow settings and the sweep's parent run."""
+
+    settings: TrackingSettings
+    parent_run_id: str
 
 
 @dataclass(frozen=True)
@@ -87,15 +98,18 @@ def _install_sigterm_checkpoint(trainer: SAETrainer) -> None:
 
 
 class TuneReporter:
-    """Send trainer reports to Tune, with a checkpoint folder when one is due."""
+    """Send trainer reports to Tune, with a checkpoint folder when one is due,
+    and each logging step's metrics to the trial's MLflow run."""
 
-    def __init__(self, trial_tags: dict[str, Any]):
-        self.trial_tags = trial_tags
+    def __init__(self, tracker: TrialTracker | None):
+        self.tracker = tracker
         self.last_metrics: dict[str, float] = {}
 
     def __call__(self, trainer: SAETrainer, report: Report) -> None:
         self.last_metrics.update(report.metrics)
         metrics = {**self.last_metrics, "step": report.step, "tokens_trained": float(report.tokens_trained)}
+        if self.tracker is not None and report.metrics:
+            self.tracker.log_metrics(report.step, report.metrics)
         if report.checkpoint:
             with tempfile.TemporaryDirectory() as folder:
                 save_checkpoint(trainer, Path(folder))
@@ -111,11 +125,41 @@ def save_checkpoint(trainer: SAETrainer, folder: Path, sparsity: bool = False) -
     trainer.sae.save_model(folder / SAE_FOLDER, sparsity=log_density)
 
 
-def run_trial(config: dict[str, Any], *, exp: ExperimentConfig, routes: ServerRoutes) -> None:
+def _coefficient(config: dict[str, Any]) -> tuple[str, Any]:
+    from saesweep.saes import get_architecture
+
+    name = get_architecture(config["architecture"]).sparsity_coefficient
+    return name, config[name]
+
+
+def _open_tracker(
+    tracking: TrialTracking | None, trial_id: str, config: dict[str, Any], params: dict[str, Any]
+) -> TrialTracker | None:
+    if tracking is None:
+        return None
+    coefficient_name, coefficient = _coefficient(config)
+    run_name = f"{config['hookpoint']}/{config['architecture']}/x{config['expansion_factor']}/{coefficient_name}={coefficient}"
+    tags = {
+        "hookpoint": config["hookpoint"],
+        "architecture": config["architecture"],
+        "expansion_factor": config["expansion_factor"],
+        "coefficient_name": coefficient_name,
+        "coefficient": coefficient,
+    }
+    return TrialTracker(tracking.settings, tracking.parent_run_id, trial_id, run_name=run_name, tags=tags, params=params)
+
+
+def run_trial(
+    config: dict[str, Any],
+    *,
+    exp: ExperimentConfig,
+    routes: ServerRoutes,
+    tracking: TrialTracking | None = None,
+    prepend_bos: bool | None = None,
+) -> None:
     """Tune function trainable: train, evaluate on held-out text, report, save."""
     hookpoint = config["hookpoint"]
-    context = tune.get_context()
-    trial_id = context.get_trial_id()
+    trial_id = tune.get_context().get_trial_id()
     torch.set_num_threads(_torch_threads())
     logger.info("trial %s starts: hookpoint %s, config %s", trial_id, hookpoint, config)
 
@@ -128,16 +172,20 @@ def run_trial(config: dict[str, Any], *, exp: ExperimentConfig, routes: ServerRo
         shuffle_buffer_tokens=exp.servers.shuffle_buffer_tokens,
         seed=exp.training.seed,
     )
+    tracker = None
     try:
         sae_cfg = trial_sae_config(
             exp,
             config,
             d_in=client.d_in,
+            prepend_bos=prepend_bos,
+            model_from_pretrained_kwargs=redact(dict(exp.model.load_options)),
             metadata={"tune_trial_id": trial_id, "served_positions": "no padding, BOS, separator or position 0"},
         )
+        tracker = _open_tracker(tracking, trial_id, config, {"sae": sae_cfg.to_dict(), "trainer": trainer_cfg.to_dict()})
         sae = SAE.from_config(sae_cfg)
         sae.activation_norm_scale = client.norm_scale
-        reporter = TuneReporter({"hookpoint": hookpoint, **config})
+        reporter = TuneReporter(tracker)
         trainer = SAETrainer(sae, trainer_cfg, report_fn=reporter)
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
@@ -147,43 +195,49 @@ def run_trial(config: dict[str, Any], *, exp: ExperimentConfig, routes: ServerRo
         _install_sigterm_checkpoint(trainer)
 
         trainer.fit(client)
+        client.close()
         if trainer.stop_requested:
             return
-    except Exception:
+        heldout = _evaluate(sae, exp, routes, hookpoint)
+    except Exception as error:
         logger.exception("trial %s on %s failed", trial_id, hookpoint)
+        if tracker is not None:
+            tracker.finish(error=f"{type(error).__name__}: {error}")
         raise
     finally:
         client.close()
 
-    heldout = _evaluate(sae, exp, routes, hookpoint)
+    heldout_metrics = {HELDOUT_PREFIX + name: value for name, value in heldout.items()}
     metrics = {
         **reporter.last_metrics,
-        **{HELDOUT_PREFIX + name: value for name, value in heldout.items()},
+        **heldout_metrics,
         "step": trainer.step,
         "tokens_trained": float(trainer.tokens_trained),
         "done": True,
     }
     with tempfile.TemporaryDirectory() as folder:
         save_checkpoint(trainer, Path(folder), sparsity=True)
+        if tracker is not None:
+            tracker.log_final(trainer.step, heldout_metrics)
+            tracker.log_sae(Path(folder) / SAE_FOLDER)
+            tracker.finish()
+        logger.info(
+            "trial %s done: %s explained variance %.4f, L0 %.1f on held-out text",
+            trial_id,
+            hookpoint,
+            heldout.get("explained_variance", float("nan")),
+            heldout.get("l0", float("nan")),
+        )
+        # The last statement: Tune ends the trial on a result with done=True.
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-    logger.info(
-        "trial %s done: %s explained variance %.4f, L0 %.1f on held-out text",
-        trial_id,
-        hookpoint,
-        heldout.get("explained_variance", float("nan")),
-        heldout.get("l0", float("nan")),
-    )
 
 
 def _evaluate(sae: SAE, exp: ExperimentConfig, routes: ServerRoutes, hookpoint: str) -> dict[str, float]:
-    """Reconstruction metrics of `sae` on `eval_tokens` activations of held-out text."""
-    if routes.heldout is None or exp.training.eval_tokens <= 0:
+    """Reconstruction metrics of `sae` on the sweep's fixed held-out activations of `hookpoint`."""
+    if routes.heldout is None:
         return {}
     server = ray.get_actor(routes.heldout, namespace=routes.namespace)
-    client = ActivationClient(server, hookpoint, batch_size=min(4096, exp.training.eval_tokens), shuffle_buffer_tokens=0)
-    try:
-        sae.eval()
-        metrics = evaluate_sae(sae, client, max_tokens=exp.training.eval_tokens)
-    finally:
-        client.close()
+    activations = fetch_heldout(server, hookpoint)
+    sae.eval()
+    metrics = evaluate_sae(sae, activations.split(4096))
     return {**metrics.as_dict(), "eval_tokens": float(metrics.n_tokens)}

@@ -1,0 +1,1 @@
+"""Evaluation of trained SAEs on held-out text, where the language model lives."""
