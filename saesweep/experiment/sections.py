@@ -39,7 +39,7 @@ class DataSection:
     """The text the model reads to produce activations."""
 
     dataset: str = "embedded"
-    """"embedded" (the Shakespeare and Milton texts shipped with saesweep), a
+    """"embedded" (the Shakespeare texts shipped with saesweep), a
     Hugging Face Hub dataset name (streamed), or local .txt, .jsonl or .parquet
     files or a folder of them. Relative paths start at the working directory."""
     hub_config: str | None = None
