@@ -1,4 +1,4 @@
-"""Command line: python -m saesweep {prepare,validate,run,resume}."""
+"""Command line: python -m saesweep {prepare,validate,run,resume,upload}."""
 
 from __future__ import annotations
 
@@ -48,6 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="Ray cluster address; default: RAY_ADDRESS, else a local Ray on 127.0.0.1",
         )
+    upload = commands.add_parser(
+        "upload", help="stage the champion SAEs of an experiment in the SAELens Hub layout and push them"
+    )
+    upload.add_argument("--experiment", required=True, help="MLflow experiment name of the sweep")
+    upload.add_argument("--repo", required=True, help="Hugging Face Hub model repository, user/repo")
+    upload.add_argument("--dry-run", action="store_true", help="write the staged folder and list what would be sent")
+    upload.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else saesweep_results/mlflow.db",
+    )
+    upload.add_argument("--out-dir", default=None, help="staging folder; default: saesweep_upload/EXPERIMENT")
     return parser
 
 
@@ -83,6 +95,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             prepare_all()
             print("embedded model and corpus are ready")
             return 0
+
+        if args.command == "upload":
+            from saesweep.tracking.upload import run_upload
+
+            return run_upload(
+                args.experiment,
+                args.repo,
+                args.dry_run,
+                tracking_uri=args.tracking_uri,
+                out_dir=args.out_dir,
+                write=lambda line: print(line, flush=True),
+            )
 
         exp = _load(args)
         if args.command == "validate":

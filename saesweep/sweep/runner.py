@@ -24,6 +24,7 @@ from saesweep.sweep.live import LiveView
 from saesweep.sweep.space import build_param_space, build_tune_config, count_trials
 from saesweep.sweep.trial import SAE_FOLDER, ServerRoutes, TrialTracking, run_trial
 from saesweep.tracking.champions import choose_champions, describe_policy, register_champions
+from saesweep.tracking.report import write_report
 from saesweep.tracking.runs import SweepTracker
 from saesweep.tracking.settings import enable_sqlite_wal, redact, tracking_settings
 
@@ -304,11 +305,6 @@ def _finish_tracking(tracker: SweepTracker, exp: ExperimentConfig, result: Sweep
 
 def _log_report(tracker: SweepTracker, result: SweepResult) -> None:
     """Write the sweep report and log it on the parent run."""
-    try:
-        from saesweep.tracking.report import write_report
-    except ImportError:
-        logger.warning("the sweep report module is not available; no report is logged")
-        return
     with tempfile.TemporaryDirectory() as folder:
         write_report(result.trials, result.champions, result.policy_text, Path(folder))
         tracker.log_artifacts(Path(folder), "report")
