@@ -165,7 +165,9 @@ class ActivationClient:
             reply = ray.get(self._pending_poll)
             self._pending_poll = None
             if reply is None:
-                logger.info("server no longer knows subscriber %s; subscribing again", self.subscriber_id)
+                logger.info(
+                    "the server has no subscriber %s (it restarted); subscribing again", self.subscriber_id
+                )
                 self._resubscribe()
                 return None
             reply = [entry for entry in reply if entry[0] >= self._next_seq]
@@ -179,7 +181,8 @@ class ActivationClient:
             self._resubscribe()
             return None
 
-        # Copy out of the object store before acknowledging, so a released object is never read.
+        # Copy out of the object store: zero-copy views kept in the shuffle buffer would pin
+        # acknowledged objects in shared memory beyond max_batches_in_flight.
         chunk = self._to_tensor(np.concatenate(arrays) if len(arrays) > 1 else np.array(arrays[0]))
         del arrays
         self.batches_received.extend(ReceivedBatch(seq, n_tokens) for seq, _, n_tokens in reply)

@@ -271,7 +271,10 @@ def load_model(
         ``(bridge, tokenizer)``. ``bridge.original_model`` is the Hugging Face model.
     """
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers.utils import logging as transformers_logging
 
+    # Per-tensor progress bars from every server and worker would flood the sweep's output.
+    transformers_logging.disable_progress_bar()
     if dtype not in DTYPES:
         raise ValueError(f"Unsupported model dtype {dtype!r}. Use one of: {', '.join(DTYPES)}.")
     torch_dtype = DTYPES[dtype]

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 def heldout_token_batches(config: ServerConfig, tokenizer: Any, policy: Any, eval_tokens: int) -> list[TokenBatch]:
-    """The first token batches of the held-out stream holding at least `eval_tokens` served positions."""
+    """Return the first batches of the held-out stream that contain at least `eval_tokens` served positions."""
     batches: list[TokenBatch] = []
     served = 0
     for batch in open_token_stream(config, tokenizer, policy):
@@ -68,7 +68,7 @@ class EvaluationServer:
         # Requests run on a thread pool; forward passes with hooks on one model
         # must not overlap, since each registers and removes hooks on it.
         self._lock = threading.Lock()
-        logger.info("evaluation server holds %d held-out batches for %s", len(self.batches), ", ".join(config.hookpoints))
+        logger.info("evaluation server loaded %d held-out batches for %s", len(self.batches), ", ".join(config.hookpoints))
 
     def ready(self) -> bool:
         return True
@@ -102,7 +102,7 @@ def start_evaluation_server(
 
 
 def fetch_heldout(handle: ray.actor.ActorHandle, hookpoint: str) -> torch.Tensor:
-    """The held-out activations of `hookpoint` as a read-only [eval_tokens, d_in] tensor (no copy)."""
+    """Fetch the held-out activations of `hookpoint` as a read-only [eval_tokens, d_in] tensor, without a copy."""
     (ref,) = ray.get(handle.activations.remote(hookpoint))
     array: np.ndarray = ray.get(ref)
     return torch.from_numpy(array)

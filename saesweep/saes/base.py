@@ -119,7 +119,7 @@ class SAE(nn.Module):
         return self.W_dec.dtype
 
     def activation_norm_scale_in_use(self) -> float:
-        """The factor inputs are multiplied by before encoding (1.0 without normalization)."""
+        """Return the factor that inputs are multiplied by before encoding (1.0 without normalization)."""
         if self.cfg.normalize_activations == "expected_average_only_in":
             return self.activation_norm_scale
         return 1.0
@@ -256,7 +256,7 @@ class SAE(nn.Module):
         self.b_dec.data /= scale
 
     def folded_copy(self) -> SAE:
-        """A copy that works on raw activations with normalize_activations="none"."""
+        """Return a copy that works on raw activations with normalize_activations="none"."""
         folded = copy.deepcopy(self)
         folded.fold_activation_norm_scaling_factor(self._scale())
         folded.cfg = self.cfg.replace(normalize_activations="none")
@@ -266,7 +266,7 @@ class SAE(nn.Module):
     # files ------------------------------------------------------------------------
 
     def inference_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors SAELens v6 stores for `saved_architecture`, unfolded."""
+        """Return the tensors that SAELens v6 stores for `saved_architecture`, unfolded."""
         return {name: tensor.detach() for name, tensor in self.state_dict().items()}
 
     @classmethod

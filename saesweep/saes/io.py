@@ -49,7 +49,7 @@ def _training_details(sae: SAE) -> dict[str, Any]:
 
 
 def sae_cfg_dict(sae: SAE) -> dict[str, Any]:
-    """The cfg.json contents for `sae` once any activation scale is folded in."""
+    """Return the cfg.json contents for `sae` once any activation scale is folded in."""
     from saesweep import __version__
 
     cfg = sae.cfg
@@ -160,7 +160,7 @@ def load_sae(path: str | Path, device: str | None = None, dtype: str | None = No
 
 
 def load_sparsity(path: str | Path) -> torch.Tensor | None:
-    """The log10 firing rates [d_sae] in sparsity.safetensors, or None without the file."""
+    """Return the log10 firing rates [d_sae] in sparsity.safetensors, or None without the file."""
     sparsity_path = Path(path) / SPARSITY_FILENAME
     if not sparsity_path.is_file():
         return None

@@ -13,7 +13,7 @@ from saesweep.saes.registry import register_architecture
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
-    """The rectangle kernel K(u) = 1 for |u| < 1/2, else 0."""
+    """Return the rectangle kernel K(u): 1 where |u| < 1/2, else 0."""
     return (u.abs() < 0.5).to(u.dtype)
 
 

@@ -35,7 +35,7 @@ SUMMARY_FILENAME = "summary.json"
 
 @dataclass
 class TrialOutcome:
-    """What one trial left behind."""
+    """Outcome of one trial: its config, last metrics, error and saved SAE."""
 
     trial_id: str
     config: dict[str, Any]

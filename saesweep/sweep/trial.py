@@ -34,7 +34,7 @@ HELDOUT_PREFIX = "heldout_"
 
 @dataclass(frozen=True)
 class TrialTracking:
-    """Where a trial logs: the MLflow settings and the sweep's parent run."""
+    """Tracking target of a trial: the MLflow settings and the sweep's parent run."""
 
     settings: TrackingSettings
     parent_run_id: str
@@ -52,7 +52,7 @@ class ServerRoutes:
 
 
 def trainer_config(exp: ExperimentConfig) -> TrainerConfig:
-    """The trainer settings of every trial of `exp`."""
+    """Build the trainer settings shared by every trial of `exp`."""
     training = exp.training
     return TrainerConfig(
         total_tokens=training.tokens_per_trial,
@@ -72,7 +72,7 @@ def trainer_config(exp: ExperimentConfig) -> TrainerConfig:
 
 
 def _torch_threads() -> int:
-    """One torch thread per whole CPU Ray assigned to this trial (at least one)."""
+    """Return one torch thread per whole CPU that Ray assigned to this trial, at least one."""
     try:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
     except Exception:  # noqa: BLE001 - outside Ray: keep torch's default

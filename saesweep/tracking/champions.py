@@ -19,7 +19,7 @@ HELDOUT_PREFIX = "heldout_"
 
 
 def metric_value(metrics: dict[str, Any], name: str) -> float | None:
-    """The value of metric `name`, measured on held-out text when the trial has it."""
+    """Return the value of metric `name`, measured on held-out text when the trial has it."""
     for key in (HELDOUT_PREFIX + name, name):
         value = metrics.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -47,7 +47,7 @@ def policy_score(metrics: dict[str, Any], policy: ChampionSection) -> float | No
 
 
 def describe_policy(policy: ChampionSection) -> str:
-    """One line that states the policy, for the report and the registry."""
+    """Return one line that states the policy, for the report and the registry."""
     if policy.policy == "max_explained_variance_at_l0":
         limit = f" with {policy.l0_metric} <= {policy.l0_max:g}" if policy.l0_max is not None else ""
         return f"highest {policy.explained_variance_metric}{limit}, measured on held-out text"
@@ -71,7 +71,7 @@ def choose_champions(outcomes: list, policy: ChampionSection) -> dict[str, Any]:
 
 
 def registered_model_name(model_name: str, hookpoint: str) -> str:
-    """The registered model that holds the champions of one model's hookpoint."""
+    """Return the name of the registered model that contains the champions of one model's hookpoint."""
     return f"saesweep.{model_name}.{hookpoint}"
 
 

@@ -1,4 +1,4 @@
-"""Where tracking goes: the MLflow URI, experiment and artifact location of a sweep."""
+"""Tracking settings of a sweep: the MLflow URI, experiment and artifact location."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def tracking_settings(exp: ExperimentConfig) -> TrackingSettings | None:
 
 
 def redact(options: dict[str, Any]) -> dict[str, Any]:
-    """A copy of `options` with every credential value replaced, recursively."""
+    """Return a copy of `options` with every credential value replaced, recursively."""
     result: dict[str, Any] = {}
     for key, value in options.items():
         if any(marker in str(key).lower() for marker in SECRET_MARKERS):

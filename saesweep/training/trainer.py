@@ -109,7 +109,7 @@ def rebatch(batches: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.
 
 @dataclass
 class Report:
-    """What the trainer hands to its `report_fn` at a logging or checkpoint step."""
+    """Progress record passed to `report_fn` at a logging or checkpoint step."""
 
     step: int
     tokens_trained: int
@@ -128,7 +128,7 @@ ReportFn = Callable[["SAETrainer", Report], None]
 class SAETrainer:
     """Train one SAE on activations from any iterator of [n, d_in] tensors.
 
-    The trainer knows nothing about where activations come from. `report_fn`
+    The trainer does not depend on where activations come from. `report_fn`
     receives a `Report` every `log_every_steps` steps, every
     `checkpoint_every_steps` steps (with `checkpoint=True`), when a stop request
     ends training early (with `checkpoint=True`), and at the end of `fit`.
@@ -197,7 +197,7 @@ class SAETrainer:
         return last_metrics
 
     def train_step(self, x: torch.Tensor) -> None:
-        """One optimizer step on x [batch, d_in]."""
+        """Run one optimizer step on x [batch, d_in]."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * lr_factor(self.cfg, self.step)
 
