@@ -5,7 +5,9 @@ never touches Ray. The client subscribes to one hookpoint of an activation serve
 poll in flight, so the next batches arrive while the trainer works. It copies each served batch
 out of the object store into a :class:`ShuffleBuffer`, then acknowledges the batch so the server
 can release it. When the server actor dies and Ray restarts it, the objects it had put are
-lost. The client then subscribes again and continues from the batch it needed next.
+lost. The client then subscribes again and continues from the batch it needed next. The
+first client to return numbers the restarted stream, so another client may skip a batch or two
+(one whose hookpoint was not yet subscribed when it ran forward) but never reads one twice.
 """
 
 from __future__ import annotations
