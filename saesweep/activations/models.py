@@ -335,7 +335,9 @@ def run_hookpoints(
     """
     requested = list(dict.fromkeys(hook_names))
     deepest_layer(requested)
-    missing = [name for name in requested if name not in bridge.hook_dict]
+    # TransformerBridge rebuilds hook_dict on every access (tens of ms), so read it once.
+    available = bridge.hook_dict
+    missing = [name for name in requested if name not in available]
     if missing:
         raise ValueError(
             f"Hookpoints {missing} do not exist in this model. Use blocks.L.<hook> with L below "
