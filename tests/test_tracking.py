@@ -134,3 +134,49 @@ def test_champion_policy_uses_heldout_metrics_and_l0_limit():
     assert {h: o.trial_id for h, o in champions.items()} == {"h1": "c", "h2": "e"}
     assert policy_score(outcomes[0].metrics, exp.champion) is None
     assert "l0 <= 50" in describe_policy(exp.champion)
+
+
+def test_champion_alias_moves_only_when_better(tmp_path):
+    from saesweep import SAE, SAEConfig
+    from saesweep.tracking.champions import register_champions
+
+    settings = _settings(tmp_path)
+    exp = parse_experiment(
+        {
+            "name": "c",
+            "hookpoints": {"names": ["blocks.0.hook_resid_pre"]},
+            "search": {"architectures": ["topk"], "k": [8]},
+            "champion": {"l0_max": 50},
+        },
+        check_model=False,
+    )
+    sae_folder = SAE.from_config(SAEConfig(architecture="topk", d_in=8, d_sae=16, k=4)).save_model(tmp_path / "sae")
+
+    def sweep(trial_id: str, explained_variance: float) -> dict:
+        tracker = SweepTracker(settings, tmp_path / f"tune_{trial_id}")
+        parent_run_id = tracker.start(trial_id, {"name": trial_id}, resume=False)
+        child = TrialTracker(settings, parent_run_id, trial_id, run_name=trial_id, tags={}, params={})
+        child.log_sae(sae_folder)
+        outcome = _Outcome(trial_id, "h", explained_variance, 8)
+        return register_champions(
+            tracker.client,
+            experiment="c",
+            model_name="m",
+            champions={"h": outcome},
+            child_runs=tracker.child_runs(),
+            policy=exp.champion,
+        )["h"]
+
+    client = MlflowClient(settings.tracking_uri)
+    first = sweep("first", 0.5)
+    assert int(first["version"]) == 1
+    assert first["promoted"] is True
+    worse = sweep("worse", 0.4)
+    assert worse["promoted"] is False
+    assert int(client.get_model_version_by_alias("saesweep.m.h", "champion").version) == 1
+    better = sweep("better", 0.7)
+    assert better["promoted"] is True
+    champion = client.get_model_version_by_alias("saesweep.m.h", "champion")
+    assert int(champion.version) == 2
+    assert float(champion.tags["metric.heldout_explained_variance"]) == pytest.approx(0.7)
+    assert len(client.search_model_versions("name = 'saesweep.m.h'")) == 2
