@@ -200,3 +200,20 @@ def test_champion_downloads_from_registry_and_reproduces_l0(finished_sweep, tmp_
     assert metrics.l0 == pytest.approx(champion.metrics["heldout_l0"], rel=1e-6)
     assert metrics.explained_variance == pytest.approx(champion.metrics["heldout_explained_variance"], rel=1e-5)
     torch.testing.assert_close(theirs(activations[:8]), ours(activations[:8]))
+
+
+def test_rerun_archives_finished_sweep(tmp_path):
+    from saesweep.sweep.runner import _archive_finished_sweep
+
+    finished = tmp_path / "tune" / "done"
+    finished.mkdir(parents=True)
+    (finished / SUMMARY_FILENAME).write_text("{}")
+    _archive_finished_sweep(finished, "done")
+    assert not finished.exists()
+    assert len(list((tmp_path / "tune").glob("done-*"))) == 1
+
+    interrupted = tmp_path / "tune" / "partial"
+    interrupted.mkdir()
+    with pytest.raises(FileExistsError, match="unfinished sweep named 'partial'.*resume"):
+        _archive_finished_sweep(interrupted, "partial")
+    assert interrupted.exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -105,4 +106,7 @@ def fetch_heldout(handle: ray.actor.ActorHandle, hookpoint: str) -> torch.Tensor
     """Fetch the held-out activations of `hookpoint` as a read-only [eval_tokens, d_in] tensor, without a copy."""
     (ref,) = ray.get(handle.activations.remote(hookpoint))
     array: np.ndarray = ray.get(ref)
-    return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        # The array lives read-only in the object store; evaluation never writes to it.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)

@@ -162,6 +162,23 @@ def start_servers(exp: ExperimentConfig, namespace: str) -> tuple[ServerRoutes, 
     return ServerRoutes(namespace=namespace, train=train_routes, heldout=heldout_name), handles
 
 
+def _archive_finished_sweep(tune_path: Path, name: str) -> None:
+    """Move a finished sweep's folder aside so that `run` starts a new one.
+
+    An interrupted sweep (no summary yet) is left in place and rejected, since
+    `resume` would continue it.
+    """
+    if not (tune_path / SUMMARY_FILENAME).is_file():
+        raise FileExistsError(
+            f"{tune_path} contains an unfinished sweep named {name!r}: continue it with "
+            "`python -m saesweep resume`, or set another name (--set name=...) or output_dir"
+        )
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime((tune_path / SUMMARY_FILENAME).stat().st_mtime))
+    archived = tune_path.with_name(f"{tune_path.name}-{stamp}")
+    tune_path.rename(archived)
+    logger.info("the previous sweep %s finished; its results moved to %s", name, archived)
+
+
 def _outcomes(results: tune.ResultGrid) -> list[TrialOutcome]:
     outcomes = []
     for result in results:
@@ -205,11 +222,8 @@ def run_sweep(
         raise FileNotFoundError(
             f"no sweep state at {tune_path}: run `python -m saesweep run` first, or check output_dir"
         )
-    if not resume and tune_path.exists() and tune.Tuner.can_restore(str(tune_path)):
-        raise FileExistsError(
-            f"{tune_path} already holds a sweep named {exp.name!r}: continue it with "
-            "`python -m saesweep resume`, or set another name (--set name=...) or output_dir"
-        )
+    if not resume and tune_path.exists():
+        _archive_finished_sweep(tune_path, exp.name)
 
     param_space = build_param_space(exp)
     n_trials = count_trials(exp)
