@@ -37,6 +37,7 @@ def small_experiment(tmp_path, **sections) -> dict:
             "checkpoint_every_steps": 6,
             "dead_latent_window_tokens": 4096,
             "eval_tokens": 1024,
+            "ce_eval_tokens": 256,
         },
         "tune": {"max_concurrent_trials": 3, "resources_per_trial": {"cpu": 0.25}},
         "servers": {
@@ -86,6 +87,19 @@ def test_trials_report_required_metrics(finished_sweep):
             assert name in trial.metrics, name
         assert trial.metrics["tokens_trained"] == 6144
         assert trial.metrics["heldout_eval_tokens"] >= 1024
+
+
+def test_trials_report_spliced_ce_scores(finished_sweep):
+    _, result, _ = finished_sweep
+    for trial in (t for t in result.trials if t.ok):
+        metrics = trial.metrics
+        assert metrics["heldout_ce_eval_tokens"] >= 256
+        assert metrics["heldout_ce_loss_zero_ablated"] > metrics["heldout_ce_loss_clean"]
+        assert metrics["heldout_kl_div_spliced"] >= 0.0
+        expected = (metrics["heldout_ce_loss_zero_ablated"] - metrics["heldout_ce_loss_spliced"]) / (
+            metrics["heldout_ce_loss_zero_ablated"] - metrics["heldout_ce_loss_clean"]
+        )
+        assert metrics["heldout_ce_loss_score"] == pytest.approx(expected)
 
 
 def test_topk_trial_keeps_k_on_heldout_text(finished_sweep):

@@ -9,8 +9,10 @@ store, so trials read them without another forward pass.
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,8 @@ import torch
 from saesweep.activations.models import load_model, model_info, run_hookpoints
 from saesweep.activations.server import ServerConfig, open_token_stream
 from saesweep.activations.tokens import TokenBatch
+from saesweep.evaluation.splice import spliced_losses, with_scores
+from saesweep.saes import SAE
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ def heldout_token_batches(config: ServerConfig, tokenizer: Any, policy: Any, eva
 
 @torch.no_grad()
 def heldout_activations(model: Any, batches: list[TokenBatch], hookpoint: str, eval_tokens: int, device: str) -> torch.Tensor:
-    """[eval_tokens, d_in] float32 activations of `hookpoint` at the served positions of `batches`."""
+    """Compute the [eval_tokens, d_in] float32 activations of `hookpoint` at the served positions of `batches`."""
     parts = []
     for batch in batches:
         acts = run_hookpoints(model, batch.tokens.to(device), [hookpoint])[hookpoint]
@@ -49,7 +53,7 @@ def heldout_activations(model: Any, batches: list[TokenBatch], hookpoint: str, e
 class EvaluationServer:
     """Ray actor: the model, the held-out token batches, and cached activations."""
 
-    def __init__(self, config: ServerConfig, eval_tokens: int):
+    def __init__(self, config: ServerConfig, eval_tokens: int, ce_eval_tokens: int = 0):
         if config.split != "heldout":
             raise ValueError(f"EvaluationServer needs a held-out ServerConfig, got split={config.split!r}")
         self.config = config
@@ -64,7 +68,8 @@ class EvaluationServer:
             **config.load_options,
         )
         info = model_info(config.model, random_weights=config.random_weights, **config.load_options)
-        self.batches = heldout_token_batches(config, tokenizer, info.token_policy(), eval_tokens)
+        self.batches = heldout_token_batches(config, tokenizer, info.token_policy(), max(eval_tokens, ce_eval_tokens, 1))
+        self.ce_batches = _first_tokens(self.batches, ce_eval_tokens)
         self._cache: dict[str, ray.ObjectRef] = {}
         # Requests run on a thread pool; forward passes with hooks on one model
         # must not overlap, since each registers and removes hooks on it.
@@ -75,8 +80,10 @@ class EvaluationServer:
         return True
 
     def activations(self, hookpoint: str) -> list[ray.ObjectRef]:
-        """[ref] to the [eval_tokens, d_in] float32 array of `hookpoint` (in a list, so
-        Ray hands back the reference and the array stays in the object store once)."""
+        """Return [ref] to the [eval_tokens, d_in] float32 array of `hookpoint`.
+
+        The list makes Ray return the reference itself, so the array is stored once.
+        """
         if hookpoint not in self.config.hookpoints:
             raise ValueError(f"hookpoint {hookpoint!r} is not evaluated here: use one of {list(self.config.hookpoints)}")
         with self._lock:
@@ -86,9 +93,48 @@ class EvaluationServer:
                 logger.info("held-out activations of %s: %d tokens", hookpoint, acts.shape[0])
             return [self._cache[hookpoint]]
 
+    def spliced_scores(self, sae_files: dict[str, bytes]) -> dict[str, float]:
+        """Splice the SAE saved as `sae_files` (file name -> bytes of its SAELens files)
+        into the model and score it on the held-out CE evaluation tokens."""
+        if not self.ce_batches:
+            raise ValueError("this evaluation server was started with ce_eval_tokens=0")
+        with tempfile.TemporaryDirectory() as folder:
+            for filename, content in sae_files.items():
+                (Path(folder) / filename).write_bytes(content)
+            sae = SAE.load_from_disk(folder, device=self.config.device)
+        if sae.cfg.hook_name not in self.config.hookpoints:
+            raise ValueError(f"SAE hookpoint {sae.cfg.hook_name!r} is not evaluated here: use one of {list(self.config.hookpoints)}")
+        with self._lock:
+            per_batch = [spliced_losses(self.model, sae, tokens.to(self.config.device)) for tokens in self.ce_batches]
+        # Batches hold equal numbers of tokens, so the mean of batch means is the token mean.
+        losses = {key: sum(part[key] for part in per_batch) / len(per_batch) for key in per_batch[0]}
+        scores = with_scores(losses)
+        scores["ce_eval_tokens"] = float(sum(tokens.numel() for tokens in self.ce_batches))
+        return scores
+
+
+def _first_tokens(batches: list[TokenBatch], n_tokens: int) -> list[torch.Tensor]:
+    """Return token windows [n_seq, pos] from `batches` that cover at least `n_tokens` tokens."""
+    chosen: list[torch.Tensor] = []
+    total = 0
+    for batch in batches:
+        if total >= n_tokens:
+            break
+        chosen.append(batch.tokens)
+        total += batch.tokens.numel()
+    return chosen
+
 
 def start_evaluation_server(
-    config: ServerConfig, eval_tokens: int, *, name: str, num_cpus: float, num_gpus: float, resources: dict[str, float], max_restarts: int
+    config: ServerConfig,
+    eval_tokens: int,
+    *,
+    name: str,
+    num_cpus: float,
+    num_gpus: float,
+    resources: dict[str, float],
+    max_restarts: int,
+    ce_eval_tokens: int = 0,
 ) -> ray.actor.ActorHandle:
     actor_class = ray.remote(EvaluationServer)
     return actor_class.options(
@@ -99,7 +145,14 @@ def start_evaluation_server(
         max_restarts=max_restarts,
         max_task_retries=-1,
         max_concurrency=4,
-    ).remote(config, eval_tokens)
+    ).remote(config, eval_tokens, ce_eval_tokens)
+
+
+def sae_file_bytes(sae: SAE) -> dict[str, bytes]:
+    """Return the SAELens files of `sae` (normalization folded in) as file name -> bytes."""
+    with tempfile.TemporaryDirectory() as folder:
+        sae.save_model(folder)
+        return {path.name: path.read_bytes() for path in Path(folder).iterdir()}
 
 
 def fetch_heldout(handle: ray.actor.ActorHandle, hookpoint: str) -> torch.Tensor:

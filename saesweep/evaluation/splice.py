@@ -70,11 +70,11 @@ def mean_kl(clean_logits: torch.Tensor, patched_logits: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
-def spliced_scores(model: Any, sae: SAE, tokens: torch.Tensor) -> dict[str, float]:
+def spliced_losses(model: Any, sae: SAE, tokens: torch.Tensor) -> dict[str, float]:
     """Compute the CE losses and KL divergences of `model` on `tokens` [batch, pos].
 
     Four runs: clean, with `sae` spliced in, and with its hookpoint zero- and
-    mean-ablated. The result also holds ce_loss_score and kl_div_score.
+    mean-ablated.
     """
     hook_name = sae.cfg.hook_name
     clean = model(tokens, return_type="logits")
@@ -89,19 +89,27 @@ def spliced_scores(model: Any, sae: SAE, tokens: torch.Tensor) -> dict[str, floa
     with model.hooks(fwd_hooks=[(hook_name, _replacement_hook(mean_over_tokens))]):
         mean = model(tokens, return_type="logits")
 
-    ce_clean = float(next_token_ce(clean, tokens))
-    ce_spliced = float(next_token_ce(with_sae, tokens))
-    ce_zero = float(next_token_ce(zero, tokens))
-    ce_mean = float(next_token_ce(mean, tokens))
-    kl_spliced = float(mean_kl(clean, with_sae))
-    kl_zero = float(mean_kl(clean, zero))
     return {
-        "ce_loss_clean": ce_clean,
-        "ce_loss_spliced": ce_spliced,
-        "ce_loss_zero_ablated": ce_zero,
-        "ce_loss_mean_ablated": ce_mean,
-        "ce_loss_score": (ce_zero - ce_spliced) / (ce_zero - ce_clean),
-        "kl_div_spliced": kl_spliced,
-        "kl_div_zero_ablated": kl_zero,
-        "kl_div_score": (kl_zero - kl_spliced) / kl_zero,
+        "ce_loss_clean": float(next_token_ce(clean, tokens)),
+        "ce_loss_spliced": float(next_token_ce(with_sae, tokens)),
+        "ce_loss_zero_ablated": float(next_token_ce(zero, tokens)),
+        "ce_loss_mean_ablated": float(next_token_ce(mean, tokens)),
+        "kl_div_spliced": float(mean_kl(clean, with_sae)),
+        "kl_div_zero_ablated": float(mean_kl(clean, zero)),
     }
+
+
+def with_scores(losses: dict[str, float]) -> dict[str, float]:
+    """Return `losses` plus ce_loss_score and kl_div_score computed from them."""
+    ce_gap = losses["ce_loss_zero_ablated"] - losses["ce_loss_clean"]
+    kl_zero = losses["kl_div_zero_ablated"]
+    return {
+        **losses,
+        "ce_loss_score": (losses["ce_loss_zero_ablated"] - losses["ce_loss_spliced"]) / ce_gap,
+        "kl_div_score": (kl_zero - losses["kl_div_spliced"]) / kl_zero,
+    }
+
+
+def spliced_scores(model: Any, sae: SAE, tokens: torch.Tensor) -> dict[str, float]:
+    """Compute `spliced_losses` on `tokens` and the scores that follow from them."""
+    return with_scores(spliced_losses(model, sae, tokens))

@@ -154,6 +154,7 @@ def _cut_training(training: TrainingSection) -> None:
     if training.checkpoint_every_steps:
         training.checkpoint_every_steps = min(training.checkpoint_every_steps, steps // 2)
     training.eval_tokens = min(training.eval_tokens, SMOKE_EVAL_TOKENS)
+    training.ce_eval_tokens = min(training.ce_eval_tokens, SMOKE_CONTEXT_SIZE * 4)
 
 
 def _to_plain(value: Any) -> Any:

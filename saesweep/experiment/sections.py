@@ -183,6 +183,11 @@ class TrainingSection:
     eval_tokens: int = 100_000
     """Held-out activation vectors used for the final evaluation of each SAE, or 0 to
     skip the evaluation."""
+    ce_eval_tokens: int = 0
+    """Held-out tokens on which each finished SAE is spliced into the model to measure
+    CE loss and KL scores (heldout_ce_loss_score, heldout_kl_div_score). Each trial
+    costs four forward passes of the whole model over them on the evaluation server;
+    0 skips it."""
     seed: int = 0
     """Seed of the SAE initialization and of the trial's shuffle buffer."""
 

@@ -112,6 +112,10 @@ def _check_training(exp: ExperimentConfig, errors: ErrorCollector) -> None:
         errors, "training.eval_tokens", training.eval_tokens, 0,
         "use 0 to skip the evaluation, or a number of tokens such as 100000.",
     )
+    _at_least(
+        errors, "training.ce_eval_tokens", training.ce_eval_tokens, 0,
+        "use 0 to skip the spliced evaluation, or a number of tokens such as 4096.",
+    )
 
 
 def _check_tune(exp: ExperimentConfig, errors: ErrorCollector) -> None:

@@ -145,7 +145,7 @@ def start_servers(exp: ExperimentConfig, namespace: str) -> tuple[ServerRoutes, 
         train_routes.update({hookpoint: name for hookpoint in group})
 
     heldout_name = None
-    if exp.training.eval_tokens > 0:
+    if exp.training.eval_tokens > 0 or exp.training.ce_eval_tokens > 0:
         heldout_name = "evaluation-server"
         handles.append(
             start_evaluation_server(
@@ -156,6 +156,7 @@ def start_servers(exp: ExperimentConfig, namespace: str) -> tuple[ServerRoutes, 
                 num_gpus=min(resources.gpu, 0.5) if resources.gpu else 0,
                 resources={key: value / 2 for key, value in resources.custom.items()},
                 max_restarts=exp.servers.max_restarts,
+                ce_eval_tokens=exp.training.ce_eval_tokens,
             )
         )
     ray.get([handle.ready.remote() for handle in handles])

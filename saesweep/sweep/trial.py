@@ -16,7 +16,7 @@ import torch
 from ray import tune
 
 from saesweep.activations.client import ActivationClient
-from saesweep.evaluation.heldout import fetch_heldout
+from saesweep.evaluation.heldout import fetch_heldout, sae_file_bytes
 from saesweep.experiment import ExperimentConfig
 from saesweep.saes import SAE
 from saesweep.sweep.space import trial_sae_config
@@ -237,7 +237,12 @@ def _evaluate(sae: SAE, exp: ExperimentConfig, routes: ServerRoutes, hookpoint: 
     if routes.heldout is None:
         return {}
     server = ray.get_actor(routes.heldout, namespace=routes.namespace)
-    activations = fetch_heldout(server, hookpoint)
     sae.eval()
-    metrics = evaluate_sae(sae, activations.split(4096))
-    return {**metrics.as_dict(), "eval_tokens": float(metrics.n_tokens)}
+    result: dict[str, float] = {}
+    if exp.training.eval_tokens > 0:
+        activations = fetch_heldout(server, hookpoint)
+        metrics = evaluate_sae(sae, activations.split(4096))
+        result.update(metrics.as_dict(), eval_tokens=float(metrics.n_tokens))
+    if exp.training.ce_eval_tokens > 0:
+        result.update(ray.get(server.spliced_scores.remote(sae_file_bytes(sae))))
+    return result
