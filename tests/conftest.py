@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray instance with 4 logical CPUs, shared by every test that asks for it."""
+    """A local Ray instance with 4 logical CPUs, shared by every test that requests it."""
     import ray
 
     from saesweep import raycluster

@@ -48,10 +48,10 @@ class SAE(nn.Module):
     and per architecture `b_enc` [d_sae] and others. `encode`, `decode` and
     `forward` accept [..., d_in] with any leading dimensions.
 
-    With `normalize_activations="expected_average_only_in"` the SAE works on
-    inputs multiplied by `activation_norm_scale` internally but takes and
-    returns activations on their own scale; `save_model` folds the scale into
-    the saved weights.
+    With `normalize_activations="expected_average_only_in"` the SAE multiplies
+    inputs by `activation_norm_scale` internally, but it takes and returns
+    activations on their own scale. `save_model` folds the scale into the
+    saved weights.
     """
 
     architecture: ClassVar[str]
@@ -248,7 +248,7 @@ class SAE(nn.Module):
         """Fold an input scale into the weights, in place.
 
         Afterwards the SAE on x returns what it returned on scale * x, divided
-        by scale, for every architecture: the encoder sees the same
+        by scale, for every architecture: the encoder computes the same
         pre-activations and the decoder output shrinks by 1/scale.
         """
         self.W_enc.data *= scale

@@ -19,7 +19,7 @@ class GatedSAE(SAE):
         f(x) = 1[pi_gate > 0] * relu(pi_mag)
         pi_gate = x' W_enc + b_gate,   pi_mag = x' (W_enc * exp(r_mag)) + b_mag
 
-    The L1 penalty acts on relu(pi_gate); an auxiliary loss reconstructs x from
+    The L1 penalty acts on relu(pi_gate). An auxiliary loss reconstructs x from
     relu(pi_gate) through a frozen copy of the decoder, so the gate gets a
     gradient. Decoder rows are kept at unit norm as in the paper: with a free
     decoder norm the magnitude path (exp(r_mag)) lets training shrink the
@@ -45,7 +45,7 @@ class GatedSAE(SAE):
         return gate_pre, magnitude_pre
 
     def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
-        """The magnitude-path pre-activations [..., d_sae]."""
+        """Return the magnitude-path pre-activations [..., d_sae]."""
         return self._paths(x)[1]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,7 @@ class JumpReLUSAE(SAE):
     """Latents fire when their pre-activation exceeds a learned per-latent
     threshold. Trained with an L0 penalty whose gradient reaches the threshold
     through a kernel (straight-through) estimate with bandwidth
-    `jumprelu_bandwidth`; decoder rows are kept at unit norm as in the paper.
+    `jumprelu_bandwidth`. Decoder rows are kept at unit norm as in the paper.
     The optional pre-activation loss (Anthropic, "Circuits Updates - January
     2025") pulls dead latents' pre-activations up towards their thresholds.
     """

@@ -38,7 +38,14 @@ def get_architecture(name: str) -> type[SAE]:
     return _ARCHITECTURES[name]
 
 
+# Built-in architectures are listed in this order whatever order modules were
+# imported in, so plots, tables and error messages do not depend on imports.
+_BUILTIN_ORDER = ("standard", "gated", "jumprelu", "topk", "batchtopk")
+
+
 def list_architectures() -> list[str]:
-    """Names of every registered architecture, in registration order."""
+    """Return the names of every registered architecture: the built-in ones
+    first in a fixed order, then others in registration order."""
     _load_builtin_architectures()
-    return list(_ARCHITECTURES)
+    builtin = [name for name in _BUILTIN_ORDER if name in _ARCHITECTURES]
+    return builtin + [name for name in _ARCHITECTURES if name not in _BUILTIN_ORDER]

@@ -66,8 +66,8 @@ class TopKSAE(SAE):
         return {"auxiliary_reconstruction_loss": aux}
 
     def load_inference_state_dict(self, tensors: dict[str, torch.Tensor], cfg_dict: dict[str, Any]) -> None:
-        # SAELens topk files may ask to divide latents by the decoder norm at run
-        # time; folding the norms into W_enc, b_enc and W_dec gives the same
+        # SAELens topk files may request dividing latents by the decoder norm at
+        # run time. Folding the norms into W_enc, b_enc and W_dec gives the same
         # outputs with plain topk.
         if cfg_dict.get("rescale_acts_by_decoder_norm"):
             tensors = dict(tensors)

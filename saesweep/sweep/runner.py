@@ -270,17 +270,16 @@ def run_sweep(
     try:
         results = tuner.fit()
     finally:
-        stats = [ray.get(handle.stats.remote()) for handle in handles[:n_train_servers]]
+        train_stats = [ray.get(handle.stats.remote()) for handle in handles[:n_train_servers]]
         for handle in handles:
             ray.kill(handle)
-    train_stats = stats
     result = SweepResult(
         experiment=exp.name,
         tune_path=str(tune_path),
         trials=_outcomes(results),
         lm_forward_tokens=int(sum(s["lm_forward_tokens"] for s in train_stats)),
         wall_time_s=time.time() - started,
-        server_stats=stats,
+        server_stats=train_stats,
         champions={},
         policy_text=describe_policy(exp.champion),
     )

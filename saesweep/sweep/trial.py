@@ -20,6 +20,7 @@ from saesweep.evaluation.heldout import fetch_heldout, sae_file_bytes
 from saesweep.experiment import ExperimentConfig
 from saesweep.saes import SAE
 from saesweep.sweep.space import trial_sae_config
+from saesweep.tracking.champions import HELDOUT_PREFIX
 from saesweep.tracking.runs import TrialTracker
 from saesweep.tracking.settings import TrackingSettings, redact
 from saesweep.training.metrics import evaluate_sae
@@ -29,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 TRAINER_STATE_FILENAME = "trainer_state.pt"
 SAE_FOLDER = "sae"
-HELDOUT_PREFIX = "heldout_"
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 CHAMPION_ALIAS = "champion"
 METRIC_TAG_PREFIX = "metric."
 HELDOUT_PREFIX = "heldout_"
+"""Prefix of the metrics that trials measure on held-out text."""
 
 
 def metric_value(metrics: dict[str, Any], name: str) -> float | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from saesweep.saes import get_architecture
+from saesweep.tracking.champions import HELDOUT_PREFIX
 from saesweep.tracking.pareto import (
     CE_LOSS_PANEL,
     EXPLAINED_VARIANCE_PANEL,
@@ -29,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 MARKDOWN_FILENAME = "report.md"
 HTML_FILENAME = "report.html"
-HELDOUT_PREFIX = "heldout_"
 COEFFICIENT_KEYS = ("l1_coefficient", "l0_coefficient", "k")
 # Failure reasons longer than this keep their start and end, where the
 # exception type and the final message usually are.

@@ -115,8 +115,11 @@ def ensure_experiment(client: MlflowClient, settings: TrackingSettings) -> str:
 
 
 def enable_sqlite_wal(tracking_uri: str) -> None:
-    """Switch a SQLite tracking store to write-ahead logging, so readers never
-    block the writer and concurrent trials wait less on each other."""
+    """Switch a SQLite tracking store to write-ahead logging.
+
+    In WAL mode readers and the one writer do not block each other, so
+    concurrent trials wait less on the database lock (SQLite, "Write-Ahead Logging").
+    """
     if not tracking_uri.startswith(SQLITE_PREFIX):
         return
     path = tracking_uri[len(SQLITE_PREFIX) :].split("?", 1)[0]

@@ -10,8 +10,8 @@ N tokens, d = d_in):
 - mse = sum ||x - x_hat||^2 / N: squared error per token, summed over d.
 - l0 = mean over tokens of the number of nonzero latents; l1 = mean over
   tokens of sum_i |f_i|.
-- A latent is dead when it has not fired in the last `window_tokens` tokens;
-  dense when it fires on more than `dense_threshold` of the tokens of a window
+- A latent is dead when it has not fired in the last `window_tokens` tokens.
+  It is dense when it fires on more than `dense_threshold` of the tokens of a window
   (the "dense latents" of Gao et al. 2024 and Anthropic's update notes).
 - log10 feature density = log10(fires / tokens + 1e-10), the quantity SAELens
   writes to sparsity.safetensors.
@@ -101,7 +101,7 @@ class ReconstructionAccumulator:
 class FiringTracker:
     """Track when each latent last fired and how often, over a token window.
 
-    `tokens_since_fired` counts tokens since each latent's last firing; a
+    `tokens_since_fired` counts tokens since each latent's last firing. A
     latent that has never fired counts from the start of tracking, so it is
     dead only once a full window has passed.
     """
