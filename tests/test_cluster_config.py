@@ -217,6 +217,18 @@ def placement_order(item: tuple[str, dict[str, float]]) -> tuple[float, float, f
     return (-custom, -request.get("GPU", 0.0), -request.get("CPU", 0.0))
 
 
+def place(requests: list[tuple[str, dict[str, float]]], nodes: list[Node]) -> list[str]:
+    """Place each request, in placement_order, on the first node with room; return the unplaced labels."""
+    unplaced = []
+    for label, request in sorted(requests, key=placement_order):
+        node = next((node for node in nodes if node.fits(request)), None)
+        if node is None:
+            unplaced.append(label)
+        else:
+            node.take(label, request)
+    return unplaced
+
+
 def test_gpt2_server_resources_declared(offline, experiment):
     config = prepared(AWS_CONFIG)
     worker_types = {
@@ -252,13 +264,7 @@ def test_gpt2_sweep_fits_largest_cluster(offline, experiment):
     requests = sweep_requests(experiment)
 
     assert len(nodes) - 1 <= config["max_workers"]
-    unplaced = []
-    for label, request in sorted(requests, key=placement_order):
-        node = next((node for node in nodes if node.fits(request)), None)
-        if node is None:
-            unplaced.append(label)
-        else:
-            node.take(label, request)
+    unplaced = place(requests, nodes)
 
     assert unplaced == [], f"no room in the largest cluster for {unplaced}"
     n_servers = sum(1 for label, _ in requests if label.startswith("server-"))
@@ -269,3 +275,13 @@ def test_gpt2_sweep_fits_largest_cluster(offline, experiment):
     assert head.placed == [], f"the CPU head node would run {head.placed}"
     server_node_types = {node.node_type for node in nodes for label in node.placed if "server" in label}
     assert server_node_types == {"activation_server"}
+
+
+def test_gpt2_trials_fit_beside_servers(offline, experiment):
+    """Every concurrent trial of the GPT-2 sweep finds room on a server node,
+    where it reads activations without crossing the network."""
+    config = prepared(AWS_CONFIG)
+    server_nodes = [node for node in largest_cluster(config) if node.node_type == "activation_server"]
+    unplaced = place(sweep_requests(experiment), server_nodes)
+
+    assert unplaced == [], f"no room beside the activation servers for {unplaced}"

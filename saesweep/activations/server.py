@@ -196,7 +196,7 @@ class _ActivationServer:
     # -- requests from clients ---------------------------------------------------------------
 
     def ready(self) -> dict[str, Any]:
-        """Return the server's identity, hookpoints, widths and normalization scales."""
+        """Return the server's identity, Ray node id, hookpoints, widths and normalization scales."""
         return {
             "incarnation": self.incarnation,
             "model": self.config.model,
@@ -205,6 +205,7 @@ class _ActivationServer:
             "norm_scales": dict(self.norm_scales),
             "dtype": self.config.dtype,
             "prepend_bos": self.config.prepend_bos if self.config.prepend_bos is not None else self.info.prepend_bos,
+            "node_id": ray.get_runtime_context().get_node_id(),
         }
 
     def subscribe(self, hookpoint: str, resume_seq: int | None = None) -> dict[str, Any]:
@@ -257,7 +258,8 @@ class _ActivationServer:
         return self.norm_scales[hookpoint]
 
     def stats(self) -> dict[str, Any]:
-        """Return counters: forward tokens, served tokens, held batches and subscribers.
+        """Return the server's node and hookpoints, and counters: forward tokens, served
+        tokens, held batches and subscribers.
 
         ``lm_forward_tokens`` counts every position of the batches run forward for
         subscribers. The one-time forward passes of the normalization estimate are counted
@@ -265,6 +267,8 @@ class _ActivationServer:
         """
         return {
             "incarnation": self.incarnation,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "hookpoints": list(self.config.hookpoints),
             "lm_forward_tokens": self.lm_forward_tokens,
             "lm_forward_batches": self.lm_forward_batches,
             "norm_estimate_forward_tokens": self.norm_estimate_forward_tokens,

@@ -63,6 +63,11 @@ class TuneSection:
     """Maximum trials running at once, or null to let the resources decide."""
     resources_per_trial: Resources = field(default_factory=Resources)
     """Resources of one trial (the SAE trainer)."""
+    prefer_server_node: bool = True
+    """Start each trial on the node of the activation server for its hookpoint when
+    that node has the trial's resources free, so that activations cross the network
+    only when they must. A trial goes to another node when that one is full; false
+    leaves placement to Ray."""
     metric: str = "explained_variance"
     """Reported metric that the search algorithm and scheduler optimize."""
     mode: Literal["max", "min"] = "max"
@@ -86,6 +91,11 @@ class ServersSection:
     max_batches_in_flight: int = 4
     """Forward batches a server keeps for its subscribers. When the slowest trial is
     this many batches behind, the server waits."""
+    max_batch_memory_gb: float | None = None
+    """Largest size in GiB of the activation batches that one server keeps in its
+    node's object store: max_batches_in_flight batches of every hookpoint it serves.
+    When set, the sweep starts more servers than `count` where needed, so that each
+    server's group of hookpoints fits. Null keeps `count`."""
     shuffle_buffer_tokens: int = 16_384
     """Activation vectors each trial keeps to mix tokens across sequences before
     drawing a training batch. It must be at least training.batch_size_tokens."""

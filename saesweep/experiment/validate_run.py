@@ -181,6 +181,11 @@ def _check_servers(exp: ExperimentConfig, errors: ErrorCollector) -> None:
         errors, "servers.normalization_tokens", servers.normalization_tokens, 1, "use e.g. 65536.",
     )
     _at_least(errors, "servers.max_restarts", servers.max_restarts, 0, "use 0 or more.")
+    if servers.max_batch_memory_gb is not None and not servers.max_batch_memory_gb > 0:
+        errors.add(
+            "servers.max_batch_memory_gb", servers.max_batch_memory_gb, "is not positive",
+            "use a size in GiB such as 8, or null to keep servers.count.",
+        )
     batch = exp.training.batch_size_tokens
     if batch > 0 and servers.shuffle_buffer_tokens < batch:
         errors.add(

@@ -21,6 +21,7 @@ from saesweep.activations.server import ServerConfig, start_server
 from saesweep.evaluation.heldout import start_evaluation_server
 from saesweep.experiment import ExperimentConfig
 from saesweep.sweep.live import LiveView
+from saesweep.sweep.placement import server_count, server_nodes, trial_resources
 from saesweep.sweep.space import build_param_space, build_tune_config, count_trials
 from saesweep.sweep.trial import SAE_FOLDER, ServerRoutes, TrialTracking, run_trial
 from saesweep.tracking.champions import choose_champions, describe_policy, register_champions
@@ -116,15 +117,20 @@ def _server_config(exp: ExperimentConfig, hookpoints: list[str], split: str) -> 
     )
 
 
-def _ray_cpus_needed(exp: ExperimentConfig, n_trials: int) -> float:
+def _ray_cpus_needed(exp: ExperimentConfig, n_trials: int, servers: int) -> float:
     concurrent = min(n_trials, exp.tune.max_concurrent_trials or n_trials)
-    servers = min(exp.servers.count, len(exp.hookpoint_names))
     return servers * exp.servers.resources.cpu + 0.5 + concurrent * exp.tune.resources_per_trial.cpu
 
 
-def start_servers(exp: ExperimentConfig, namespace: str) -> tuple[ServerRoutes, list[Any]]:
-    """Start the activation servers of `exp` and the held-out evaluation server."""
-    groups = split_hookpoints(exp.hookpoint_names, exp.servers.count)
+def start_servers(
+    exp: ExperimentConfig, namespace: str, count: int | None = None
+) -> tuple[ServerRoutes, list[Any], dict[str, str]]:
+    """Start the activation servers of `exp` and the held-out evaluation server.
+
+    Returns the routes, the actor handles (training servers first) and the Ray node
+    id of the training server of each hookpoint. `count` overrides servers.count.
+    """
+    groups = split_hookpoints(exp.hookpoint_names, count or exp.servers.count)
     resources = exp.servers.resources
     handles = []
     train_routes: dict[str, str] = {}
@@ -159,8 +165,11 @@ def start_servers(exp: ExperimentConfig, namespace: str) -> tuple[ServerRoutes, 
                 ce_eval_tokens=exp.training.ce_eval_tokens,
             )
         )
-    ray.get([handle.ready.remote() for handle in handles])
-    return ServerRoutes(namespace=namespace, train=train_routes, heldout=heldout_name), handles
+    readies = ray.get([handle.ready.remote() for handle in handles])
+    nodes = server_nodes(readies[: len(groups)])
+    for index, reply in enumerate(readies[: len(groups)]):
+        logger.info("activation-server-%d runs on node %s", index, reply["node_id"])
+    return ServerRoutes(namespace=namespace, train=train_routes, heldout=heldout_name), handles, nodes
 
 
 def _archive_finished_sweep(tune_path: Path, name: str) -> None:
@@ -228,14 +237,15 @@ def run_sweep(
 
     param_space = build_param_space(exp)
     n_trials = count_trials(exp)
+    info = model_info(exp.model.name, random_weights=exp.model.random_weights, **exp.model.load_options)
+    n_servers = server_count(exp, info)
     namespace = f"saesweep-{exp.name}-{os.getpid()}"
     raycluster.connect(
         address,
-        num_cpus=max(os.cpu_count() or 1, math.ceil(_ray_cpus_needed(exp, n_trials))),
+        num_cpus=max(os.cpu_count() or 1, math.ceil(_ray_cpus_needed(exp, n_trials, n_servers))),
         namespace=namespace,
     )
     namespace = ray.get_runtime_context().namespace
-    info = model_info(exp.model.name, random_weights=exp.model.random_weights, **exp.model.load_options)
 
     settings = tracking_settings(exp)
     tracker = None
@@ -246,10 +256,12 @@ def run_sweep(
         enable_sqlite_wal(settings.tracking_uri)
         tracking = TrialTracking(settings=settings, parent_run_id=parent_run_id)
 
-    routes, handles = start_servers(exp, namespace)
+    routes, handles, nodes = start_servers(exp, namespace, n_servers)
+    # NOTE: a resumed sweep keeps the resource requests its trials were created
+    # with, so their node preference names the servers of the first run.
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, exp=exp, routes=routes, tracking=tracking, prepend_bos=info.prepend_bos),
-        resources=exp.tune.resources_per_trial.to_ray(),
+        resources=trial_resources(exp, nodes),
     )
     live = LiveView(write=write)
     run_config = tune.RunConfig(

@@ -213,6 +213,7 @@ def run_trial(
         **heldout_metrics,
         "step": trainer.step,
         "tokens_trained": float(trainer.tokens_trained),
+        "node_id": ray.get_runtime_context().get_node_id(),
         "done": True,
     }
     with tempfile.TemporaryDirectory() as folder:
