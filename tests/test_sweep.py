@@ -169,7 +169,7 @@ def test_mlflow_child_metrics_have_increasing_steps(finished_sweep):
     children = [c for c in children if "mlflow.parentRunId" in c.data.tags]
     assert len(children) == 2
     for child in children:
-        for tag in ("hookpoint", "architecture", "expansion_factor", "coefficient", "saesweep.tune_trial_id"):
+        for tag in ("hookpoint", "architecture", "expansion_factor", "coefficient", "saesweep.tune_trial_id", "ray_node_id"):
             assert tag in child.data.tags, tag
         for name in ("explained_variance", "l0", "mse", "l1", "dead_latents_frac", "tokens_trained", "lr"):
             steps = [m.step for m in client.get_metric_history(child.info.run_id, name)]

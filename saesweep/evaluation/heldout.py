@@ -22,7 +22,7 @@ import torch
 from saesweep.activations.models import load_model, model_info, run_hookpoints
 from saesweep.activations.server import ServerConfig, open_token_stream
 from saesweep.activations.tokens import TokenBatch
-from saesweep.evaluation.splice import spliced_losses, with_scores
+from saesweep.evaluation.splice import merge_losses, spliced_losses, with_scores
 from saesweep.saes import SAE
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class EvaluationServer:
         )
         info = model_info(config.model, random_weights=config.random_weights, **config.load_options)
         self.batches = heldout_token_batches(config, tokenizer, info.token_policy(), max(eval_tokens, ce_eval_tokens, 1))
-        self.ce_batches = _first_tokens(self.batches, ce_eval_tokens)
+        self.ce_batches = _first_batches(self.batches, ce_eval_tokens)
         self._cache: dict[str, ray.ObjectRef] = {}
         # Requests run on a thread pool; forward passes with hooks on one model
         # must not overlap, since each registers and removes hooks on it.
@@ -104,23 +104,26 @@ class EvaluationServer:
             sae = SAE.load_from_disk(folder, device=self.config.device)
         if sae.cfg.hook_name not in self.config.hookpoints:
             raise ValueError(f"SAE hookpoint {sae.cfg.hook_name!r} is not evaluated here: use one of {list(self.config.hookpoints)}")
+        device = self.config.device
         with self._lock:
-            per_batch = [spliced_losses(self.model, sae, tokens.to(self.config.device)) for tokens in self.ce_batches]
-        # Batches hold equal numbers of tokens, so the mean of batch means is the token mean.
-        losses = {key: sum(part[key] for part in per_batch) / len(per_batch) for key in per_batch[0]}
-        scores = with_scores(losses)
-        scores["ce_eval_tokens"] = float(sum(tokens.numel() for tokens in self.ce_batches))
+            # The SAE replaces activations only at served positions, where SAEs are trained.
+            per_batch = [
+                spliced_losses(self.model, sae, batch.tokens.to(device), splice_mask=batch.keep.to(device))
+                for batch in self.ce_batches
+            ]
+        scores = with_scores(merge_losses(per_batch))
+        scores["ce_eval_tokens"] = float(sum(batch.tokens.numel() for batch in self.ce_batches))
         return scores
 
 
-def _first_tokens(batches: list[TokenBatch], n_tokens: int) -> list[torch.Tensor]:
-    """Return token windows [n_seq, pos] from `batches` that cover at least `n_tokens` tokens."""
-    chosen: list[torch.Tensor] = []
+def _first_batches(batches: list[TokenBatch], n_tokens: int) -> list[TokenBatch]:
+    """Return the first of `batches` that together contain at least `n_tokens` tokens."""
+    chosen: list[TokenBatch] = []
     total = 0
     for batch in batches:
         if total >= n_tokens:
             break
-        chosen.append(batch.tokens)
+        chosen.append(batch)
         total += batch.tokens.numel()
     return chosen
 

@@ -154,19 +154,43 @@ class MLflowSection:
 class ChampionSection:
     """Policy that chooses the best SAE of each hookpoint after the sweep."""
 
-    policy: Literal["max_explained_variance_at_l0", "weighted_score"] = (
-        "max_explained_variance_at_l0"
-    )
+    policy: Literal[
+        "max_explained_variance_at_l0", "max_ce_loss_score_at_l0", "weighted_score"
+    ] = "max_explained_variance_at_l0"
     """max_explained_variance_at_l0: the highest explained variance among SAEs whose
-    L0 is at most l0_max. weighted_score: the highest sum of weight * metric
-    over `weights`."""
+    L0 is at most l0_max. max_ce_loss_score_at_l0: the highest CE loss score among
+    SAEs whose L0 is at most l0_max. The CE loss score is the share of the CE loss
+    increase of zero ablation that the spliced SAE avoids, and only trials with
+    training.ce_eval_tokens above 0 report it. weighted_score: the highest sum of
+    weight * metric over `weights`."""
     l0_max: float | None = None
     """Maximum mean L0 (active latents per token) of a champion
-    (max_explained_variance_at_l0)."""
+    (max_explained_variance_at_l0, max_ce_loss_score_at_l0)."""
     weights: dict[str, float] = field(default_factory=dict)
     """Metric name -> weight for weighted_score, e.g. {explained_variance: 1.0,
     l0: -0.001}. Use negative weights for metrics where lower is better."""
     explained_variance_metric: str = "explained_variance"
     """Reported metric read as the explained variance."""
+    ce_loss_score_metric: str = "ce_loss_score"
+    """Reported metric read as the CE loss score (max_ce_loss_score_at_l0)."""
     l0_metric: str = "l0"
     """Reported metric read as the L0."""
+
+    def metrics_read(self) -> list[str]:
+        """Return the names of the metrics that the policy scores trials by."""
+        if self.policy == "max_explained_variance_at_l0":
+            return [self.explained_variance_metric, self.l0_metric]
+        if self.policy == "max_ce_loss_score_at_l0":
+            return [self.ce_loss_score_metric, self.l0_metric]
+        return list(self.weights)
+
+    def spliced_metrics_read(self) -> list[str]:
+        """Return the metrics read by the policy that only the spliced evaluation
+        (training.ce_eval_tokens > 0) reports: ce_loss_* and kl_div_*, with or
+        without the heldout_ prefix."""
+        spliced = []
+        for name in self.metrics_read():
+            bare = name.removeprefix("heldout_")
+            if bare.startswith(("ce_loss_", "kl_div_")):
+                spliced.append(name)
+        return spliced

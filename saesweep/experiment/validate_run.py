@@ -21,6 +21,7 @@ def check_run_sections(exp: ExperimentConfig, errors: ErrorCollector) -> None:
     _check_tune(exp, errors)
     _check_servers(exp, errors)
     _check_tracking(exp, errors)
+    _check_champion(exp, errors)
 
 
 def _at_least(
@@ -215,11 +216,13 @@ def _check_tracking(exp: ExperimentConfig, errors: ErrorCollector) -> None:
             "output_dir", exp.output_dir, "is empty", "use a folder such as saesweep_results.",
         )
 
+
+def _check_champion(exp: ExperimentConfig, errors: ErrorCollector) -> None:
     champion = exp.champion
-    if champion.policy == "max_explained_variance_at_l0":
+    if champion.policy in ("max_explained_variance_at_l0", "max_ce_loss_score_at_l0"):
         if champion.l0_max is None:
             errors.add(
-                "champion.l0_max", MISSING, "policy max_explained_variance_at_l0 needs it",
+                "champion.l0_max", MISSING, f"policy {champion.policy} needs it",
                 "set the largest L0 a champion may have, e.g. l0_max: 100.",
                 related=("champion.policy",),
             )
@@ -231,6 +234,32 @@ def _check_tracking(exp: ExperimentConfig, errors: ErrorCollector) -> None:
             "set weights, e.g. {explained_variance: 1.0, l0: -0.001}.",
             related=("champion.policy",),
         )
-    for name in ("explained_variance_metric", "l0_metric"):
+    for name in ("explained_variance_metric", "ce_loss_score_metric", "l0_metric"):
         if not getattr(champion, name):
             errors.add(f"champion.{name}", "", "is empty", "name a reported metric.")
+
+    # Only the spliced evaluation reports ce_loss_* and kl_div_* metrics; without it no trial
+    # would be eligible and the sweep would end without a champion.
+    spliced = champion.spliced_metrics_read()
+    ce_eval_tokens = exp.training.ce_eval_tokens
+    if spliced and ce_eval_tokens == 0:
+        names = ", ".join(spliced)
+        if champion.policy == "weighted_score":
+            path, value, other_fix = "champion.weights", champion.weights, f"drop {names} from champion.weights"
+        elif champion.policy == "max_ce_loss_score_at_l0" and champion.ce_loss_score_metric in spliced:
+            path, value, other_fix = (
+                "champion.policy", champion.policy, "use champion.policy: max_explained_variance_at_l0"
+            )
+        else:
+            field_name = next(
+                name for name in ("explained_variance_metric", "l0_metric") if getattr(champion, name) in spliced
+            )
+            path, value = f"champion.{field_name}", getattr(champion, field_name)
+            other_fix = f"remove champion.{field_name} to use its default"
+        errors.add(
+            path, value,
+            f"needs {names}, which trials report only when the SAE is spliced into the model, "
+            f"but training.ce_eval_tokens = {ce_eval_tokens} turns that evaluation off",
+            f"set training.ce_eval_tokens to a number of held-out tokens such as 4096, or {other_fix}.",
+            related=("training.ce_eval_tokens",),
+        )

@@ -145,6 +145,7 @@ def _open_tracker(
         "expansion_factor": config["expansion_factor"],
         "coefficient_name": coefficient_name,
         "coefficient": coefficient,
+        "ray_node_id": ray.get_runtime_context().get_node_id(),
     }
     return TrialTracker(tracking.settings, tracking.parent_run_id, trial_id, run_name=run_name, tags=tags, params=params)
 

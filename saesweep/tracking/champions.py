@@ -28,16 +28,26 @@ def metric_value(metrics: dict[str, Any], name: str) -> float | None:
     return None
 
 
+L0_LIMITED_POLICIES = ("max_explained_variance_at_l0", "max_ce_loss_score_at_l0")
+"""Policies that maximize one metric among the trials whose L0 is at most `l0_max`."""
+
+
+def _maximized_metric(policy: ChampionSection) -> str:
+    if policy.policy == "max_ce_loss_score_at_l0":
+        return policy.ce_loss_score_metric
+    return policy.explained_variance_metric
+
+
 def policy_score(metrics: dict[str, Any], policy: ChampionSection) -> float | None:
     """Score of a trial under `policy` (higher is better), or None when it is not eligible."""
-    if policy.policy == "max_explained_variance_at_l0":
-        explained = metric_value(metrics, policy.explained_variance_metric)
+    if policy.policy in L0_LIMITED_POLICIES:
+        score = metric_value(metrics, _maximized_metric(policy))
         l0 = metric_value(metrics, policy.l0_metric)
-        if explained is None or l0 is None:
+        if score is None or l0 is None:
             return None
         if policy.l0_max is not None and l0 > policy.l0_max:
             return None
-        return explained
+        return score
     total = 0.0
     for name, weight in policy.weights.items():
         value = metric_value(metrics, name)
@@ -49,9 +59,9 @@ def policy_score(metrics: dict[str, Any], policy: ChampionSection) -> float | No
 
 def describe_policy(policy: ChampionSection) -> str:
     """Return one line that states the policy, for the report and the registry."""
-    if policy.policy == "max_explained_variance_at_l0":
+    if policy.policy in L0_LIMITED_POLICIES:
         limit = f" with {policy.l0_metric} <= {policy.l0_max:g}" if policy.l0_max is not None else ""
-        return f"highest {policy.explained_variance_metric}{limit}, measured on held-out text"
+        return f"highest {_maximized_metric(policy)}{limit}, measured on held-out text"
     terms = " + ".join(f"{weight:g} * {name}" for name, weight in policy.weights.items())
     return f"highest weighted score {terms}, measured on held-out text"
 
