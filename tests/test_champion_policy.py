@@ -97,3 +97,31 @@ def test_ce_policy_needs_l0_max():
     errors = validation_errors({"policy": "max_ce_loss_score_at_l0"}, ce_eval_tokens=256)
     assert list(errors) == ["champion.l0_max"]
     assert "policy max_ce_loss_score_at_l0 needs it" in errors["champion.l0_max"]
+
+
+def test_ce_policy_with_champion_only_scoring_rejected():
+    with pytest.raises(ExperimentError) as raised:
+        parse_experiment(
+            {
+                **BASE,
+                "champion": {"policy": "max_ce_loss_score_at_l0", "l0_max": 64},
+                "training": {"ce_eval_tokens": 256, "ce_eval_trials": "champions"},
+            },
+            check_model=False,
+        )
+    errors = {error.path: message for error, message in zip(raised.value.errors, raised.value.messages)}
+    assert list(errors) == ["training.ce_eval_trials"]
+    assert "'champions'" in errors["training.ce_eval_trials"]
+    assert "ce_eval_trials: all" in errors["training.ce_eval_trials"]
+
+
+def test_champion_only_scoring_with_ev_policy_accepted():
+    exp = parse_experiment(
+        {
+            **BASE,
+            "champion": {"l0_max": 64},
+            "training": {"ce_eval_tokens": 256, "ce_eval_trials": "champions"},
+        },
+        check_model=False,
+    )
+    assert exp.training.ce_eval_trials == "champions"

@@ -231,3 +231,35 @@ def test_rerun_archives_finished_sweep(tmp_path):
     with pytest.raises(FileExistsError, match="unfinished sweep named 'partial'.*resume"):
         _archive_finished_sweep(interrupted, "partial")
     assert interrupted.exists()
+
+
+@pytest.fixture(scope="module")
+def champions_only_sweep(ray_session, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("champions-only")
+    data = small_experiment(
+        tmp_path, training={"eval_tokens": 512, "ce_eval_tokens": 256, "ce_eval_trials": "champions"}
+    )
+    data["name"] = "champions-only"
+    data["search"] = {"architectures": ["topk"], "expansion_factors": [2], "k": [4, 16]}
+    exp = parse_experiment(data)
+    return exp, run_sweep(exp)
+
+
+def test_spliced_scores_only_for_champion(champions_only_sweep):
+    _, result = champions_only_sweep
+    (champion,) = result.champions.values()
+    others = [t for t in result.trials if t.trial_id != champion.trial_id]
+    assert len(others) == 1
+    assert 0.0 < champion.metrics["heldout_ce_loss_score"] < 1.0
+    assert "heldout_ce_loss_score" not in others[0].metrics
+
+
+def test_champion_spliced_scores_reach_mlflow(champions_only_sweep):
+    exp, result = champions_only_sweep
+    client = _mlflow_client(exp)
+    (champion,) = result.champions.values()
+    (registered,) = result.registered.values()
+    version = client.get_model_version(registered["name"], registered["version"])
+    assert float(version.tags["metric.heldout_ce_loss_score"]) == pytest.approx(champion.metrics["heldout_ce_loss_score"])
+    run = client.get_run(version.run_id)
+    assert run.data.metrics["heldout_ce_loss_score"] == pytest.approx(champion.metrics["heldout_ce_loss_score"])

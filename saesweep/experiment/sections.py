@@ -188,6 +188,10 @@ class TrainingSection:
     CE loss and KL scores (heldout_ce_loss_score, heldout_kl_div_score). Each trial
     costs four forward passes of the whole model over them on the evaluation server;
     0 skips it."""
+    ce_eval_trials: Literal["all", "champions"] = "all"
+    """SAEs that the spliced evaluation scores: "all" scores every trial's final SAE,
+    "champions" only the champion of each hookpoint, after the sweep. The champion
+    policy must then not read ce_loss_* or kl_div_* metrics."""
     seed: int = 0
     """Seed of the SAE initialization and of the trial's shuffle buffer."""
 

@@ -263,3 +263,10 @@ def _check_champion(exp: ExperimentConfig, errors: ErrorCollector) -> None:
             f"set training.ce_eval_tokens to a number of held-out tokens such as 4096, or {other_fix}.",
             related=("training.ce_eval_tokens",),
         )
+    elif spliced and exp.training.ce_eval_trials == "champions":
+        errors.add(
+            "training.ce_eval_trials", exp.training.ce_eval_trials,
+            f"scores only champions, but champion.policy reads {', '.join(spliced)} to choose them",
+            "use training.ce_eval_trials: all, or a champion policy without ce_loss_* and kl_div_* metrics.",
+            related=("champion.policy",),
+        )

@@ -24,9 +24,9 @@ from saesweep.sweep.live import LiveView
 from saesweep.sweep.placement import server_count, server_nodes, trial_resources
 from saesweep.sweep.space import build_param_space, build_tune_config, count_trials
 from saesweep.sweep.trial import SAE_FOLDER, ServerRoutes, TrialTracking, run_trial
-from saesweep.tracking.champions import choose_champions, describe_policy, register_champions
+from saesweep.tracking.champions import HELDOUT_PREFIX, choose_champions, describe_policy, register_champions
 from saesweep.tracking.report import write_report
-from saesweep.tracking.runs import SweepTracker
+from saesweep.tracking.runs import SweepTracker, log_metrics
 from saesweep.tracking.settings import enable_sqlite_wal, redact, tracking_settings
 
 logger = logging.getLogger(__name__)
@@ -281,26 +281,51 @@ def run_sweep(
     n_train_servers = len(set(routes.train.values()))
     try:
         results = tuner.fit()
-    finally:
         train_stats = [ray.get(handle.stats.remote()) for handle in handles[:n_train_servers]]
+        for handle in handles[:n_train_servers]:
+            ray.kill(handle)
+        result = SweepResult(
+            experiment=exp.name,
+            tune_path=str(tune_path),
+            trials=_outcomes(results),
+            lm_forward_tokens=int(sum(s["lm_forward_tokens"] for s in train_stats)),
+            wall_time_s=time.time() - started,
+            server_stats=train_stats,
+            champions={},
+            policy_text=describe_policy(exp.champion),
+        )
+        result.champions = choose_champions(result.trials, exp.champion)
+        if exp.training.ce_eval_tokens > 0 and exp.training.ce_eval_trials == "champions":
+            _score_champions_spliced(result.champions, routes, tracker)
+    finally:
         for handle in handles:
             ray.kill(handle)
-    result = SweepResult(
-        experiment=exp.name,
-        tune_path=str(tune_path),
-        trials=_outcomes(results),
-        lm_forward_tokens=int(sum(s["lm_forward_tokens"] for s in train_stats)),
-        wall_time_s=time.time() - started,
-        server_stats=train_stats,
-        champions={},
-        policy_text=describe_policy(exp.champion),
-    )
-    result.champions = choose_champions(result.trials, exp.champion)
     if tracker is not None:
         _finish_tracking(tracker, exp, result)
     live.finish(result)
     (tune_path / SUMMARY_FILENAME).write_text(json.dumps(result.to_dict(), indent=2, default=str))
     return result
+
+
+def _score_champions_spliced(
+    champions: dict[str, TrialOutcome], routes: ServerRoutes, tracker: SweepTracker | None
+) -> None:
+    """Splice each champion's SAE into the model on the evaluation server, and add
+    the CE loss and KL scores to its metrics and to its MLflow run."""
+    server = ray.get_actor(routes.heldout, namespace=routes.namespace)
+    child_runs = tracker.child_runs() if tracker is not None else {}
+    for hookpoint, outcome in sorted(champions.items()):
+        files = {path.name: path.read_bytes() for path in Path(outcome.sae_path).iterdir() if path.is_file()}
+        scores = ray.get(server.spliced_scores.remote(files))
+        metrics = {HELDOUT_PREFIX + name: value for name, value in scores.items()}
+        outcome.metrics.update(metrics)
+        logger.info(
+            "champion %s of %s: CE loss score %.4f on held-out text",
+            outcome.trial_id, hookpoint, scores.get("ce_loss_score", float("nan")),
+        )
+        run_id = child_runs.get(outcome.trial_id)
+        if tracker is not None and run_id is not None:
+            log_metrics(tracker.client, run_id, int(outcome.metrics.get("step", 0)), metrics)
 
 
 def _finish_tracking(tracker: SweepTracker, exp: ExperimentConfig, result: SweepResult) -> None:

@@ -245,6 +245,6 @@ def _evaluate(sae: SAE, exp: ExperimentConfig, routes: ServerRoutes, hookpoint: 
         activations = fetch_heldout(server, hookpoint)
         metrics = evaluate_sae(sae, activations.split(4096))
         result.update(metrics.as_dict(), eval_tokens=float(metrics.n_tokens))
-    if exp.training.ce_eval_tokens > 0:
+    if exp.training.ce_eval_tokens > 0 and exp.training.ce_eval_trials == "all":
         result.update(ray.get(server.spliced_scores.remote(sae_file_bytes(sae))))
     return result
