@@ -79,7 +79,7 @@ def make_sae(architecture: str, hookpoint: str, seed: int, **fields) -> SAE:
     return sae
 
 
-def outcome(trial_id, hookpoint, architecture, coefficient, l0, explained_variance, folder):
+def outcome(trial_id, hookpoint, architecture, coefficient, l0, explained_variance, folder, ce_loss_score=None):
     config = {"hookpoint": hookpoint, "architecture": architecture, "expansion_factor": D_SAE // D_IN}
     config.update({"l1_coefficient": None, "l0_coefficient": None, "k": None})
     config["k" if architecture == "topk" else "l1_coefficient"] = coefficient
@@ -92,6 +92,8 @@ def outcome(trial_id, hookpoint, architecture, coefficient, l0, explained_varian
         "tokens_trained": 6144.0,
         "dead_latents_frac": 0.25,
     }
+    if ce_loss_score is not None:
+        metrics["heldout_ce_loss_score"] = ce_loss_score
     return TrialOutcome(trial_id, config, metrics, None, str(folder))
 
 
@@ -112,7 +114,7 @@ def registry(tmp_path_factory):
         "t4": make_sae("standard", HOOK_3, seed=4, l1_coefficient=2.0),
     }
     outcomes = [
-        outcome("t1", HOOK_1, "topk", 16, 16.0, 0.80, root / "t1"),
+        outcome("t1", HOOK_1, "topk", 16, 16.0, 0.80, root / "t1", ce_loss_score=0.9),
         outcome("t2", HOOK_1, "standard", 1.0, 40.0, 0.70, root / "t2"),
         outcome("t3", HOOK_3, "topk", 16, 16.0, 0.60, root / "t3"),
         outcome("t4", HOOK_3, "standard", 2.0, 30.0, 0.75, root / "t4"),
@@ -206,7 +208,7 @@ def test_model_card_front_matter_and_metrics(staged):
     assert "# Sparse autoencoders for smollm2-135m" in body
     assert 'SAE.from_pretrained("someone/smollm2-saes", "blocks.1.hook_resid_pre")' in body
     assert "highest explained_variance with l0 <= 100, measured on held-out text" in body
-    assert f"| {HOOK_1} | topk | {D_SAE} | 4 | k=16 | 6,144 | 0.8000 | 16.0 | 0.125 | – | 0.250 |" in body
+    assert f"| {HOOK_1} | topk | {D_SAE} | 4 | k=16 | 6,144 | 0.8000 | 16.0 | 0.125 | 0.9000 | 0.250 |" in body
     assert f"| {HOOK_3} | standard | {D_SAE} | 4 | l1_coefficient=2.0 | 6,144 | 0.7500 | 30.0 | 0.125 | – | 0.250 |" in body
 
 
