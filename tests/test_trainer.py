@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from saesweep import SAE, SAEConfig
 from saesweep.training.metrics import evaluate_sae
@@ -150,3 +151,44 @@ def test_rebatch_regroups_uneven_batches():
     out = list(rebatch(iter(parts), 4))
     assert [b.shape[0] for b in out] == [4, 4, 4, 4]
     torch.testing.assert_close(torch.cat(out), torch.cat(parts)[:16])
+
+
+@pytest.mark.parametrize("architecture", ["topk", "jumprelu"])
+def test_autocast_training_recovers_dictionary(architecture):
+    overrides, min_explained_variance = RECOVERY_CASES[architecture]
+    sae = SAE.from_config(SAEConfig(architecture=architecture, d_in=D_IN, d_sae=D_SAE, **overrides))
+    cfg = TrainerConfig(
+        total_tokens=300 * 1024, batch_size=1024, lr=3e-3, log_every_steps=50, dead_latent_window=20_000, autocast=True
+    )
+    SAETrainer(sae, cfg).fit(synthetic_stream(seed=1))
+
+    assert sae.W_enc.dtype == torch.float32
+    heldout = evaluate_sae(sae, [synthetic_batch(4096, seed=999)])
+    assert heldout.explained_variance > min_explained_variance
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """Record the input dtype of every matrix multiplication that reaches the kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes: list[torch.dtype] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            self.dtypes.append(args[-2].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("autocast", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_autocast_sets_matmul_dtype(autocast, expected):
+    sae = SAE.from_config(SAEConfig(architecture="topk", d_in=D_IN, d_sae=D_SAE, k=3))
+    trainer = SAETrainer(sae, TrainerConfig(total_tokens=1024, batch_size=1024, autocast=autocast))
+    batch = synthetic_batch(1024, seed=5)
+    with MatmulDtypes() as recorded:
+        trainer.train_step(batch)
+
+    # Encoder and decoder forward, and their weight and input gradients.
+    assert len(recorded.dtypes) >= 4
+    assert set(recorded.dtypes) == {expected}
+    assert sae.W_enc.dtype == torch.float32

@@ -180,6 +180,10 @@ class TrainingSection:
     checkpoint_every_steps: int = 500
     """Steps between Tune checkpoints. With 0, a trial saves only its final SAE and
     a checkpoint on SIGTERM."""
+    autocast: bool = False
+    """Train under bfloat16 autocast: the SAE's matmuls run in bfloat16, while its
+    weights, the optimizer state and the held-out evaluation stay in sae.dtype. It
+    pays on GPUs and on CPUs with bfloat16 matrix units; see BENCHMARKS.md."""
     eval_tokens: int = 100_000
     """Held-out activation vectors used for the final evaluation of each SAE, or 0 to
     skip the evaluation."""

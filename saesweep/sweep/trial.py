@@ -68,6 +68,7 @@ def trainer_config(exp: ExperimentConfig) -> TrainerConfig:
         dead_latent_window=training.dead_latent_window_tokens,
         log_every_steps=training.log_every_steps,
         checkpoint_every_steps=training.checkpoint_every_steps,
+        autocast=training.autocast,
     )
 
 

@@ -58,6 +58,9 @@ class TrainerConfig:
     log_every_steps: int = 50
     checkpoint_every_steps: int = 0
     """Call the checkpoint callback every this many steps; 0 disables."""
+    autocast: bool = False
+    """Run the SAE's forward and backward passes under bfloat16 autocast. The
+    weights, the optimizer state and the metrics stay in the SAE's dtype."""
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -205,9 +208,10 @@ class SAETrainer:
             self._init_b_dec(x)
 
         # forward and losses
-        output = self.sae.training_loss(
-            x, dead_mask=self.firing.dead_mask().to(x.device), sparsity_scale=self.sparsity_scale()
-        )
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast):
+            output = self.sae.training_loss(
+                x, dead_mask=self.firing.dead_mask().to(x.device), sparsity_scale=self.sparsity_scale()
+            )
         if not torch.isfinite(output.loss):
             terms = {name: float(value.detach()) for name, value in output.losses.items()}
             raise TrainingDivergedError(
