@@ -404,6 +404,7 @@ def start_server(
     max_restarts: int = 3,
     max_concurrency: int = 64,
     wait: bool = True,
+    scheduling_strategy: Any = None,
 ) -> ray.actor.ActorHandle:
     """Start an activation server actor and return its handle.
 
@@ -418,6 +419,8 @@ def start_server(
         max_concurrency: Request threads; each client keeps at most one poll waiting, so
             this bounds the clients served without queueing.
         wait: Block until the model is loaded and the normalization scales are estimated.
+        scheduling_strategy: Ray scheduling strategy of the actor, e.g. a placement group
+            reserved for it; None lets Ray choose a node.
     """
     actor = ActivationServer.options(
         name=name,
@@ -429,6 +432,7 @@ def start_server(
         # returns "unknown subscriber" for them, so the client subscribes again.
         max_task_retries=-1,
         max_concurrency=max_concurrency,
+        scheduling_strategy=scheduling_strategy,
     ).remote(config)
     if wait:
         ray.get(actor.ready.remote())

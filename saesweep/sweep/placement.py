@@ -8,11 +8,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray import tune
-from ray.util.placement_group import placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from saesweep.activations.models import ModelInfo
-from saesweep.experiment import ExperimentConfig
+from saesweep.experiment import ExperimentConfig, Resources
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +57,31 @@ def trial_resources(exp: ExperimentConfig, server_nodes: dict[str, str]) -> Tria
     return TrialPlacement(bundle=request, server_nodes=dict(server_nodes))
 
 
-def server_nodes(readies: list[dict[str, Any]]) -> dict[str, str]:
-    """Map each hookpoint to the node id in the `ready()` replies of the activation servers."""
-    nodes: dict[str, str] = {}
-    for reply in readies:
-        for hookpoint in reply["hookpoints"]:
-            nodes[hookpoint] = reply["node_id"]
-    return nodes
+@dataclass(frozen=True)
+class ServerSlot:
+    """Resources reserved for one activation server on one node, before the server starts."""
+
+    placement_group: PlacementGroup
+    node_id: str
+
+    @property
+    def scheduling_strategy(self) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=0)
+
+
+def reserve_server_slot(resources: Resources) -> ServerSlot | None:
+    """Reserve `resources` for an activation server and return the slot with its node id.
+
+    Knowing the node before the server has loaded its model lets the trials start,
+    and import their modules, while the server loads. Blocks until Ray places the
+    reservation. Returns None for a request without any resource.
+    """
+    bundle = {name: value for name, value in resources.to_ray().items() if value}
+    if not bundle:
+        return None
+    group = placement_group([bundle], strategy="STRICT_PACK")
+    ray.get(group.ready())
+    return ServerSlot(group, placement_group_table(group)["bundles_to_node_id"][0])
 
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import ray
 from ray import tune
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from saesweep import raycluster
 from saesweep.activations.models import model_info
@@ -21,7 +22,7 @@ from saesweep.activations.server import ServerConfig, start_server
 from saesweep.evaluation.heldout import start_evaluation_server
 from saesweep.experiment import ExperimentConfig
 from saesweep.sweep.live import LiveView
-from saesweep.sweep.placement import server_count, server_nodes, trial_resources
+from saesweep.sweep.placement import reserve_server_slot, server_count, trial_resources
 from saesweep.sweep.space import build_param_space, build_tune_config, count_trials
 from saesweep.sweep.trial import SAE_FOLDER, ServerRoutes, TrialTracking, run_trial
 from saesweep.tracking.champions import HELDOUT_PREFIX, choose_champions, describe_policy, register_champions
@@ -124,19 +125,29 @@ def _ray_cpus_needed(exp: ExperimentConfig, n_trials: int, servers: int) -> floa
 
 def start_servers(
     exp: ExperimentConfig, namespace: str, count: int | None = None
-) -> tuple[ServerRoutes, list[Any], dict[str, str]]:
+) -> tuple[ServerRoutes, list[Any], dict[str, str], list[PlacementGroup]]:
     """Start the activation servers of `exp` and the held-out evaluation server.
 
-    Returns the routes, the actor handles (training servers first) and the Ray node
-    id of the training server of each hookpoint. `count` overrides servers.count.
+    Returns the routes, the actor handles (training servers first), the Ray node id
+    of the training server of each hookpoint, and the placement groups reserved for
+    the training servers. `count` overrides servers.count.
+
+    The training servers are placed before they load their model, and this returns
+    without waiting for them: trials wait for their server's `ready()` themselves.
     """
     groups = split_hookpoints(exp.hookpoint_names, count or exp.servers.count)
     resources = exp.servers.resources
     handles = []
+    slots = []
     train_routes: dict[str, str] = {}
+    nodes: dict[str, str] = {}
     for index, group in enumerate(groups):
         name = f"activation-server-{index}"
-        logger.info("starting activation server %s for %s", name, ", ".join(group))
+        slot = reserve_server_slot(resources)
+        logger.info(
+            "starting activation server %s for %s on node %s",
+            name, ", ".join(group), slot.node_id if slot else "(any)",
+        )
         handles.append(
             start_server(
                 _server_config(exp, group, "train"),
@@ -146,9 +157,13 @@ def start_servers(
                 resources=dict(resources.custom),
                 max_restarts=exp.servers.max_restarts,
                 wait=False,
+                scheduling_strategy=slot.scheduling_strategy if slot else None,
             )
         )
         train_routes.update({hookpoint: name for hookpoint in group})
+        if slot is not None:
+            slots.append(slot.placement_group)
+            nodes.update({hookpoint: slot.node_id for hookpoint in group})
 
     heldout_name = None
     if exp.training.eval_tokens > 0 or exp.training.ce_eval_tokens > 0:
@@ -165,11 +180,7 @@ def start_servers(
                 ce_eval_tokens=exp.training.ce_eval_tokens,
             )
         )
-    readies = ray.get([handle.ready.remote() for handle in handles])
-    nodes = server_nodes(readies[: len(groups)])
-    for index, reply in enumerate(readies[: len(groups)]):
-        logger.info("activation-server-%d runs on node %s", index, reply["node_id"])
-    return ServerRoutes(namespace=namespace, train=train_routes, heldout=heldout_name), handles, nodes
+    return ServerRoutes(namespace=namespace, train=train_routes, heldout=heldout_name), handles, nodes, slots
 
 
 def _archive_finished_sweep(tune_path: Path, name: str) -> None:
@@ -256,7 +267,7 @@ def run_sweep(
         enable_sqlite_wal(settings.tracking_uri)
         tracking = TrialTracking(settings=settings, parent_run_id=parent_run_id)
 
-    routes, handles, nodes = start_servers(exp, namespace, n_servers)
+    routes, handles, nodes, slots = start_servers(exp, namespace, n_servers)
     # NOTE: a resumed sweep keeps the resource requests its trials were created
     # with, so their node preference names the servers of the first run.
     trainable = tune.with_resources(
@@ -281,7 +292,7 @@ def run_sweep(
     n_train_servers = len(set(routes.train.values()))
     try:
         results = tuner.fit()
-        train_stats = [ray.get(handle.stats.remote()) for handle in handles[:n_train_servers]]
+        train_stats = [_server_stats(handle) for handle in handles[:n_train_servers]]
         for handle in handles[:n_train_servers]:
             ray.kill(handle)
         result = SweepResult(
@@ -300,11 +311,22 @@ def run_sweep(
     finally:
         for handle in handles:
             ray.kill(handle)
+        for group in slots:
+            remove_placement_group(group)
     if tracker is not None:
         _finish_tracking(tracker, exp, result)
     live.finish(result)
     (tune_path / SUMMARY_FILENAME).write_text(json.dumps(result.to_dict(), indent=2, default=str))
     return result
+
+
+def _server_stats(handle: Any) -> dict[str, Any]:
+    """Return the counters of an activation server, or zeros when it has died."""
+    try:
+        return ray.get(handle.stats.remote())
+    except ray.exceptions.RayActorError as error:
+        logger.error("activation server unavailable after the sweep, its counters are lost: %s", error)
+        return {"lm_forward_tokens": 0, "node_id": None, "hookpoints": []}
 
 
 def _score_champions_spliced(

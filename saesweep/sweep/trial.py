@@ -166,6 +166,9 @@ def run_trial(
     logger.info("trial %s starts: hookpoint %s, config %s", trial_id, hookpoint, config)
 
     server = ray.get_actor(routes.train[hookpoint], namespace=routes.namespace)
+    # The sweep starts trials while servers still load their model and estimate the
+    # normalization scale, so the trial's own start-up overlaps the server's.
+    ray.get(server.ready.remote())
     trainer_cfg = trainer_config(exp)
     client = ActivationClient(
         server,
