@@ -45,5 +45,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, **init_kwar
         bind_local_ray_to_loopback()
         logger.info("starting a local Ray instance on 127.0.0.1 (num_cpus=%s)", num_cpus)
         init_kwargs.setdefault("include_dashboard", False)
-        ray.init(num_cpus=num_cpus, **init_kwargs)
+        # "local" starts a new instance even when another Ray cluster runs on this machine,
+        # which a plain ray.init() would join.
+        ray.init(address="local", num_cpus=num_cpus, **init_kwargs)
     return ray.get_runtime_context().gcs_address
