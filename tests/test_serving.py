@@ -513,7 +513,7 @@ def test_clients_continue_after_server_restart(ray_session, local_models):
         assert len(picked) >= 3
         for seq, batch in picked.items():
             # The server and this process run the bfloat16 model with different thread
-            # counts, so an element may differ by one bfloat16 rounding step (2**-8 relative);
+            # counts, so an element may differ by one bfloat16 rounding step (up to 2**-7 relative);
             # another batch would differ everywhere.
             torch.testing.assert_close(batch, reference[hookpoint][seq], rtol=2**-7, atol=1e-5)
 
