@@ -513,9 +513,12 @@ def test_clients_continue_after_server_restart(ray_session, local_models):
         assert len(picked) >= 3
         for seq, batch in picked.items():
             # The server and this process run the bfloat16 model with different thread
-            # counts, so an element may differ by one bfloat16 rounding step (up to 2**-7 relative);
-            # another batch would differ everywhere.
-            torch.testing.assert_close(batch, reference[hookpoint][seq], rtol=2**-7, atol=1e-5)
+            # counts, so rounding differs through the blocks and a few elements differ by
+            # several bfloat16 steps. Another batch would differ by about its own norm.
+            expected = reference[hookpoint][seq]
+            assert batch.shape == expected.shape
+            relative_error = float((batch - expected).norm() / expected.norm())
+            assert relative_error < 1e-2, f"batch {seq} of {hookpoint}: relative error {relative_error:.3g}"
 
 
 @pytest.mark.slow
