@@ -465,6 +465,35 @@ def steady_rate(reports: list[dict[str, Any]]) -> dict[str, float] | None:
     }
 
 
+
+def add_sae_set_arguments(parser: Any, default_tokens_per_sae: int) -> None:
+    """Add the options that choose a sweep's SAEs and its token batches to `parser`."""
+    parser.add_argument(
+        "--layers",
+        default=None,
+        help="comma-separated layers of blocks.L.hook_resid_pre (default 4,8,12,16; --quick: 1)",
+    )
+    parser.add_argument(
+        "--architectures",
+        default=None,
+        help="comma-separated SAE architectures (default topk,standard,jumprelu; --quick: topk,standard)",
+    )
+    parser.add_argument("--expansion-factor", type=int, default=4, help="d_sae / d_model (default 4)")
+    parser.add_argument(
+        "--tokens-per-sae",
+        type=int,
+        default=None,
+        help=f"training tokens per SAE (default {default_tokens_per_sae}; --quick: 1024)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="tokens per optimizer step (default 1024; --quick: 256)",
+    )
+    parser.add_argument("--context-size", type=int, default=128, help="tokens per window (default 128)")
+    parser.add_argument("--sequences", type=int, default=8, help="windows per forward batch (default 8)")
+
 def write_json(path: str | None, data: dict[str, Any]) -> None:
     """Print ``data`` as JSON, and write it to ``path`` when given."""
     text = json.dumps(data, indent=2, default=str)

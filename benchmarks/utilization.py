@@ -78,31 +78,7 @@ def parse_args() -> Settings:
         action="store_true",
         help="smoke run: 1 hookpoint x 2 configs, float32 and bfloat16, 4 steps",
     )
-    parser.add_argument(
-        "--layers",
-        default=None,
-        help="comma-separated layers of blocks.L.hook_resid_pre (default 4,8,12,16; --quick: 1)",
-    )
-    parser.add_argument(
-        "--architectures",
-        default=None,
-        help="comma-separated SAE architectures (default topk,standard,jumprelu; --quick: topk,standard)",
-    )
-    parser.add_argument("--expansion-factor", type=int, default=4, help="d_sae / d_model (default 4)")
-    parser.add_argument(
-        "--tokens-per-sae",
-        type=int,
-        default=None,
-        help="training tokens per SAE (default 16384; --quick: 1024)",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="tokens per optimizer step (default 1024; --quick: 256)",
-    )
-    parser.add_argument("--context-size", type=int, default=128, help="tokens per window (default 128)")
-    parser.add_argument("--sequences", type=int, default=8, help="windows per forward batch (default 8)")
+    _common.add_sae_set_arguments(parser, default_tokens_per_sae=16384)
     parser.add_argument(
         "--variants",
         default=None,
