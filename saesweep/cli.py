@@ -71,11 +71,13 @@ def _load(args: argparse.Namespace):
 
 
 def _describe(exp) -> str:
-    from saesweep.sweep.space import count_trials
+    from saesweep.sweep.space import count_trials, count_tune_trials
 
+    n_saes, n_trials = count_trials(exp), count_tune_trials(exp)
+    trials = f"{n_trials} trial(s)" if n_saes == n_trials else f"{n_saes} SAEs in {n_trials} trial(s)"
     return (
         f"experiment {exp.name!r}: model {exp.model.name}, {len(exp.hookpoint_names)} hookpoint(s), "
-        f"{count_trials(exp)} trial(s), {exp.training.tokens_per_trial:,} tokens per trial"
+        f"{trials}, {exp.training.tokens_per_trial:,} tokens per SAE"
     )
 
 

@@ -345,6 +345,11 @@ BAD_FILES = [
      "hookpoints", "is missing", "add `hookpoints:`"),
     ("bad device", {"model.device": "gpu"},
      "model.device", "'gpu'", "use cpu, cuda, cuda:N or mps"),
+    ("no SAEs per trial", {"tune.saes_per_trial": 0},
+     "tune.saes_per_trial", "0", "use 1, or e.g. 4"),
+    ("several SAEs per trial with asha",
+     {"tune.saes_per_trial": 3, "tune.scheduler": "asha", "tune.asha.grace_period_tokens": 1000},
+     "tune.saes_per_trial", "3", "use scheduler fifo"),
 ]
 
 

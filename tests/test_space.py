@@ -19,14 +19,17 @@ from saesweep.experiment import load_experiment, parse_experiment
 from saesweep.saes import get_architecture
 from saesweep.sweep import (
     TOKENS_TRAINED,
+    build_packs,
     build_param_space,
     build_scheduler,
     build_search_alg,
     build_tune_config,
     count_trials,
+    count_tune_trials,
     num_samples,
     trial_sae_config,
 )
+from saesweep.sweep.space import PACK_KEY, trial_members
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 COEFFICIENTS = ("l1_coefficient", "l0_coefficient", "k")
@@ -318,3 +321,42 @@ def test_tuner_runs_space(ray_session, tmp_path, tune_options):
     assert best.metrics["explained_variance"] == max(
         result.metrics["explained_variance"] for result in results
     )
+
+
+@pytest.mark.parametrize("saes_per_trial", [2, 5, 100])
+def test_packs_hold_every_grid_config_once(saes_per_trial):
+    exp = experiment({"tune": {"saes_per_trial": saes_per_trial}})
+    trials = expand(exp)
+    assert len(trials) == count_tune_trials(exp)
+
+    members = [member for trial in trials for member in trial_members(trial)]
+    keys = [key(member) for member in members]
+    assert len(keys) == len(set(keys)) == count_trials(exp) == 24
+    assert set(keys) == {key(config) for config in expand(experiment())}
+    for trial in trials:
+        pack = trial[PACK_KEY]["members"]
+        assert trial["hookpoint"] == trial[PACK_KEY]["hookpoint"]
+        assert {member["hookpoint"] for member in pack} == {trial["hookpoint"]}
+        assert 1 <= len(pack) <= saes_per_trial
+    # 12 configs per hookpoint: the fewest packs, of sizes that differ by at most one.
+    sizes = sorted(len(trial_members(trial)) for trial in trials)
+    assert sizes[-1] - sizes[0] <= 1
+    assert len(trials) == 2 * -(-12 // saes_per_trial)
+
+
+def test_random_packs_are_seeded_and_sample_num_samples_times():
+    changes = {
+        "tune": {"search_alg": "random", "saes_per_trial": 4, "seed": 7},
+        "search": {"num_samples": 3, "l1_coefficient": {"loguniform": [0.1, 10.0]}, "k": [16]},
+    }
+    exp = experiment(changes)
+    packs = build_packs(exp)
+    members = [member for pack in packs for member in pack["members"]]
+    # Per hookpoint and sample: 2 expansion factors x (1 k + 1 l1 draw + 1 l0) = 6 configs.
+    assert len(members) == count_trials(exp) == 3 * 2 * 6
+    l1_values = {member["l1_coefficient"] for member in members if member["architecture"] == "standard"}
+    assert len(l1_values) == 3 * 2 * 2
+    assert all(0.1 <= value <= 10.0 for value in l1_values)
+    assert build_packs(experiment(changes)) == packs
+    changes["tune"]["seed"] = 8
+    assert build_packs(experiment(changes)) != packs

@@ -263,3 +263,75 @@ def test_champion_spliced_scores_reach_mlflow(champions_only_sweep):
     assert float(version.tags["metric.heldout_ce_loss_score"]) == pytest.approx(champion.metrics["heldout_ce_loss_score"])
     run = client.get_run(version.run_id)
     assert run.data.metrics["heldout_ce_loss_score"] == pytest.approx(champion.metrics["heldout_ce_loss_score"])
+
+
+@pytest.fixture(scope="module")
+def packed_sweep(ray_session, tmp_path_factory):
+    """The three SAEs of `small_experiment` trained together in one trial."""
+    tmp_path = tmp_path_factory.mktemp("packed")
+    data = small_experiment(tmp_path, tune={"saes_per_trial": 3}, training={"ce_eval_tokens": 0})
+    data["name"] = "packed"
+    exp = parse_experiment(data)
+    lines: list[str] = []
+    return exp, run_sweep(exp, write=lines.append), lines
+
+
+def test_packed_trial_trains_each_sae_and_fails_the_diverging_one_alone(packed_sweep):
+    _, result, _ = packed_sweep
+    assert len(result.trials) == 3
+    trial_ids = {t.trial_id.rsplit("-", 1)[0] for t in result.trials}
+    assert len(trial_ids) == 1
+    (failed,) = [t for t in result.trials if not t.ok]
+    assert failed.config["l1_coefficient"] == pytest.approx(1.0e40)
+    assert "TrainingDivergedError" in failed.error
+    done = [t for t in result.trials if t.ok]
+    assert sorted(t.config["architecture"] for t in done) == ["standard", "topk"]
+    for trial in done:
+        assert trial.metrics["tokens_trained"] == 6144
+        assert trial.metrics["heldout_eval_tokens"] >= 1024
+        assert 0.0 < trial.metrics["heldout_explained_variance"] <= 1.0
+    topk = next(t for t in done if t.config["architecture"] == "topk")
+    assert topk.metrics["heldout_l0"] == pytest.approx(16.0)
+    # One trial reads the stream once for all of its SAEs.
+    assert result.lm_forward_tokens < 6144 + 8 * 64 * 8
+    assert result.tokens_trained == 2 * 6144
+
+
+def test_packed_saes_load_in_saelens_and_differ(packed_sweep):
+    _, result, _ = packed_sweep
+    x = torch.randn(5, 576)
+    outputs = []
+    for trial in (t for t in result.trials if t.ok):
+        ours = SAE.load_from_disk(trial.sae_path)
+        theirs = sae_lens.SAE.load_from_disk(trial.sae_path)
+        assert ours.cfg.architecture == trial.config["architecture"]
+        assert ours.cfg.metadata["tune_trial_id"] == trial.trial_id
+        torch.testing.assert_close(theirs(x), ours(x))
+        outputs.append(ours(x))
+    assert not torch.allclose(outputs[0], outputs[1])
+
+
+def test_packed_saes_have_their_own_mlflow_runs_and_champion(packed_sweep):
+    exp, result, _ = packed_sweep
+    client = _mlflow_client(exp)
+    experiment = client.get_experiment_by_name("packed")
+    children = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    by_id = {c.data.tags["saesweep.tune_trial_id"]: c for c in children}
+    assert set(by_id) == {t.trial_id for t in result.trials}
+    for trial in result.trials:
+        run = by_id[trial.trial_id]
+        assert run.info.status == ("FINISHED" if trial.ok else "FAILED")
+        assert run.data.tags["architecture"] == trial.config["architecture"]
+        if trial.ok:
+            assert run.data.metrics["heldout_explained_variance"] == pytest.approx(
+                trial.metrics["heldout_explained_variance"]
+            )
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "l0")]
+            assert steps == sorted(set(steps)) and len(steps) >= 2
+        else:
+            assert "TrainingDivergedError" in run.data.tags["saesweep.error"]
+    (champion,) = result.champions.values()
+    assert champion.ok
+    (registered,) = result.registered.values()
+    version = client.get_model_version(registered["name"], registered["version"])
+    assert version.run_id == by_id[champion.trial_id].info.run_id

@@ -62,7 +62,14 @@ class TuneSection:
     max_concurrent_trials: int | None = None
     """Maximum trials running at once, or null to let the resources decide."""
     resources_per_trial: Resources = field(default_factory=Resources)
-    """Resources of one trial (the SAE trainer)."""
+    """Resources of one trial (the process that trains its SAEs)."""
+    saes_per_trial: int = 1
+    """SAEs of one hookpoint that one trial trains together, in one process and on
+    the same activation batches. Each SAE still gets its own MLflow run, result and
+    file. Above 1 this saves each SAE the start-up of a trial process (torch, Ray and
+    MLflow imports, shuffle buffer) and, on few cores, the contention of many
+    processes. It needs search_alg grid or random and scheduler fifo, since Optuna
+    and ASHA decide about one SAE at a time."""
     prefer_server_node: bool = True
     """Start each trial on the node of the activation server for its hookpoint when
     that node has the trial's resources free, so that activations cross the network

@@ -129,6 +129,21 @@ def _check_tune(exp: ExperimentConfig, errors: ErrorCollector) -> None:
     if not tune.metric:
         errors.add("tune.metric", tune.metric, "is empty", "use e.g. explained_variance.")
     _at_least(errors, "tune.max_failures", tune.max_failures, 0, "use 0 or more.")
+    if _at_least(errors, "tune.saes_per_trial", tune.saes_per_trial, 1, "use 1, or e.g. 4 to train 4 SAEs per trial."):
+        if tune.saes_per_trial > 1 and tune.search_alg == "optuna":
+            errors.add(
+                "tune.saes_per_trial", tune.saes_per_trial,
+                "needs every SAE config before the sweep starts, but optuna chooses each config from the results so far",
+                "use search_alg grid or random, or saes_per_trial 1.",
+                related=("tune.search_alg",),
+            )
+        if tune.saes_per_trial > 1 and tune.scheduler == "asha":
+            errors.add(
+                "tune.saes_per_trial", tune.saes_per_trial,
+                "trains several SAEs in one trial, but asha stops one trial at a time",
+                "use scheduler fifo, or saes_per_trial 1.",
+                related=("tune.scheduler",),
+            )
     if tune.scheduler != "asha":
         return
     asha = tune.asha

@@ -14,8 +14,8 @@ logger = logging.getLogger(__name__)
 
 class LiveView(Callback):
     """Write one status line at most every `interval_s` seconds: trials running,
-    done and failed, training tokens/s over running trials, and per hookpoint the
-    best explained variance so far with its L0."""
+    done and failed, training tokens/s over running trials (over all of a trial's
+    SAEs), and per hookpoint the best explained variance so far with its L0."""
 
     def __init__(self, write: Callable[[str], None] | None = None, interval_s: float = 10.0):
         self.write = write or logger.info
@@ -58,13 +58,15 @@ class LiveView(Callback):
     def _best_per_hookpoint(self) -> dict[str, tuple[float, float]]:
         best: dict[str, tuple[float, float]] = {}
         for trial_id, result in self._latest.items():
-            ev = result.get("heldout_explained_variance", result.get("explained_variance"))
-            l0 = result.get("heldout_l0", result.get("l0"))
-            if ev is None or l0 is None:
-                continue
             hookpoint = self._hookpoint.get(trial_id, "?")
-            if hookpoint not in best or ev > best[hookpoint][0]:
-                best[hookpoint] = (float(ev), float(l0))
+            # A trial that trains several SAEs reports each one's metrics under "members".
+            for metrics in (result.get("members") or {}).values() or [result]:
+                ev = metrics.get("heldout_explained_variance", metrics.get("explained_variance"))
+                l0 = metrics.get("heldout_l0", metrics.get("l0"))
+                if ev is None or l0 is None:
+                    continue
+                if hookpoint not in best or ev > best[hookpoint][0]:
+                    best[hookpoint] = (float(ev), float(l0))
         return best
 
     def finish(self, result: Any) -> None:

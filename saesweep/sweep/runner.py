@@ -23,8 +23,15 @@ from saesweep.evaluation.heldout import start_evaluation_server
 from saesweep.experiment import ExperimentConfig
 from saesweep.sweep.live import LiveView
 from saesweep.sweep.placement import reserve_server_slot, server_count, trial_resources
-from saesweep.sweep.space import build_param_space, build_tune_config, count_trials
-from saesweep.sweep.trial import SAE_FOLDER, ServerRoutes, TrialTracking, run_trial
+from saesweep.sweep.space import PACK_KEY, build_param_space, build_tune_config, count_tune_trials, trial_members
+from saesweep.sweep.trial import (
+    MEMBERS_FILENAME,
+    MEMBERS_FOLDER,
+    SAE_FOLDER,
+    ServerRoutes,
+    TrialTracking,
+    run_trial,
+)
 from saesweep.tracking.champions import HELDOUT_PREFIX, choose_champions, describe_policy, register_champions
 from saesweep.tracking.report import write_report
 from saesweep.tracking.runs import SweepTracker, log_metrics
@@ -201,21 +208,45 @@ def _archive_finished_sweep(tune_path: Path, name: str) -> None:
 
 
 def _outcomes(results: tune.ResultGrid) -> list[TrialOutcome]:
+    """One outcome per SAE: per trial, or per member of a trial that trained several."""
     outcomes = []
     for result in results:
         metrics = dict(result.metrics or {})
         trial_id = str(metrics.get("trial_id") or Path(result.path).name)
-        sae_path = None
-        if result.checkpoint is not None and metrics.get("done"):
-            candidate = Path(result.checkpoint.path) / SAE_FOLDER
-            sae_path = str(candidate) if candidate.is_dir() else None
         error = None
         if result.error is not None:
             error = f"{type(result.error).__name__}: {result.error}".strip()
         elif not metrics.get("done"):
             error = "stopped before it finished"
         config = {key: value for key, value in (result.config or {}).items()}
+        folder = Path(result.checkpoint.path) if result.checkpoint is not None and metrics.get("done") else None
+        if PACK_KEY in config:
+            outcomes.extend(_member_outcomes(trial_id, config, metrics, error, folder))
+            continue
+        sae_path = None
+        if folder is not None and (folder / SAE_FOLDER).is_dir():
+            sae_path = str(folder / SAE_FOLDER)
         outcomes.append(TrialOutcome(trial_id, config, _plain(metrics), error, sae_path))
+    return outcomes
+
+
+def _member_outcomes(
+    trial_id: str, config: dict[str, Any], metrics: dict[str, Any], error: str | None, folder: Path | None
+) -> list[TrialOutcome]:
+    """The outcomes of the SAEs of one trial that trained several, from its final
+    checkpoint's members.json, or from its last result when it did not finish."""
+    record: dict[str, Any] = {}
+    if folder is not None and (folder / MEMBERS_FILENAME).is_file():
+        record = json.loads((folder / MEMBERS_FILENAME).read_text())
+    last_results = metrics.get("members") or {}
+    outcomes = []
+    for index, member_config in enumerate(trial_members(config)):
+        member_id = f"{trial_id}-{index}"
+        member_metrics = record.get("metrics", {}).get(str(index)) or last_results.get(member_id) or {}
+        member_error = error or record.get("errors", {}).get(str(index))
+        sae_folder = folder / MEMBERS_FOLDER / str(index) / SAE_FOLDER if folder is not None else None
+        sae_path = str(sae_folder) if member_error is None and sae_folder is not None and sae_folder.is_dir() else None
+        outcomes.append(TrialOutcome(member_id, dict(member_config), _plain(member_metrics), member_error, sae_path))
     return outcomes
 
 
@@ -247,7 +278,7 @@ def run_sweep(
         _archive_finished_sweep(tune_path, exp.name)
 
     param_space = build_param_space(exp)
-    n_trials = count_trials(exp)
+    n_trials = count_tune_trials(exp)
     info = model_info(exp.model.name, random_weights=exp.model.random_weights, **exp.model.load_options)
     n_servers = server_count(exp, info)
     namespace = f"saesweep-{exp.name}-{os.getpid()}"

@@ -15,10 +15,12 @@ stays empty.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm, Searcher
@@ -34,6 +36,10 @@ if TYPE_CHECKING:
 TOKENS_TRAINED = "tokens_trained"
 """Reported metric that counts a trial's training progress (ASHA's time attribute)."""
 
+PACK_KEY = "pack"
+"""Trial config key of the SAE configs that one trial trains together, when
+tune.saes_per_trial is above 1; see `build_packs`."""
+
 SAE_KEY = "sae"
 """Trial config key of the architecture and its coefficient as Tune expanded them,
 in grid and random search. The same values are also at the top level."""
@@ -48,9 +54,20 @@ def build_param_space(exp: ExperimentConfig) -> dict[str, Any]:
     expansion_factor x that architecture's coefficient.
 
     Empty for optuna, whose space is in the searcher (see `build_search_alg`).
+    With tune.saes_per_trial above 1 it is a grid over the packs of `build_packs`.
     """
     if exp.tune.search_alg == "optuna":
         return {}
+    if exp.tune.saes_per_trial > 1:
+        return {
+            PACK_KEY: tune.grid_search(build_packs(exp)),
+            "hookpoint": tune.sample_from(FromPack("hookpoint")),
+        }
+    return _sae_param_space(exp)
+
+
+def _sae_param_space(exp: ExperimentConfig) -> dict[str, Any]:
+    """The param_space of a sweep with one SAE per trial (grid and random search)."""
     search = exp.search
     # One grid entry per architecture, each with only its own coefficient, so
     # Tune crosses a coefficient's values only with its architecture. Tune expands
@@ -70,6 +87,89 @@ def build_param_space(exp: ExperimentConfig) -> dict[str, Any]:
     for coefficient in coefficient_names():
         space[coefficient] = tune.sample_from(FromSAEKey(coefficient))
     return space
+
+
+def build_packs(exp: ExperimentConfig) -> list[dict[str, Any]]:
+    """Group the SAE configs of a grid or random sweep into packs for one trial each.
+
+    `sae_configs` lists every config. The configs of each hookpoint are split into
+    the fewest packs of at most tune.saes_per_trial, of nearly equal size. A pack is
+    {"hookpoint": name, "members": [config, ...]}.
+    """
+    per_hookpoint: dict[str, list[dict[str, Any]]] = {name: [] for name in exp.hookpoint_names}
+    for config in sae_configs(exp):
+        per_hookpoint[config["hookpoint"]].append(config)
+    packs = []
+    for hookpoint, configs in per_hookpoint.items():
+        count = math.ceil(len(configs) / exp.tune.saes_per_trial)
+        size, extra = divmod(len(configs), count)
+        start = 0
+        for index in range(count):
+            end = start + size + (1 if index < extra else 0)
+            packs.append({"hookpoint": hookpoint, "members": configs[start:end]})
+            start = end
+    return packs
+
+
+def sae_configs(exp: ExperimentConfig) -> list[dict[str, Any]]:
+    """Every SAE config of a grid or random sweep, in the format of Tune's trial configs.
+
+    Grid lists are enumerated. In random search, each of search.num_samples rounds
+    draws every other value anew for each combination of the grid values before
+    it, seeded by tune.seed, as Tune draws them for each trial.
+    """
+    search = exp.search
+    rng = np.random.default_rng(exp.tune.seed)
+    rounds = search.num_samples if exp.tune.search_alg == "random" else 1
+    configs = []
+    for _ in range(rounds):
+        for hookpoint in exp.hookpoint_names:
+            for architecture in search.architectures:
+                coefficient = _coefficient_of(architecture)
+                for expansion_factor in _values_of_one_round(search.expansion_factors, rng):
+                    for value in _values_of_one_round(getattr(search, coefficient), rng):
+                        config: dict[str, Any] = {
+                            "hookpoint": hookpoint,
+                            "expansion_factor": expansion_factor,
+                            SAE_KEY: {"architecture": architecture, coefficient: value},
+                            "architecture": architecture,
+                        }
+                        config.update({name: None for name in coefficient_names()})
+                        config[coefficient] = value
+                        configs.append(config)
+    return configs
+
+
+def _values_of_one_round(value: SearchValue, rng: np.random.Generator) -> list[Any]:
+    """Every value of a grid list, or one draw of a choice or log-uniform range
+    (whose upper bound is included)."""
+    values = list(value.values)
+    if value.kind == GRID:
+        return values
+    if value.kind == CHOICE:
+        return [values[int(rng.integers(len(values)))]]
+    low, high = values
+    if value.element_type is int:
+        drawn = math.exp(rng.uniform(math.log(low), math.log(high + 1)))
+        return [min(int(high), int(drawn))]
+    return [float(math.exp(rng.uniform(math.log(low), math.log(high))))]
+
+
+def trial_members(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The SAE configs that a trial with Tune config `config` trains."""
+    if PACK_KEY in config:
+        return list(config[PACK_KEY]["members"])
+    return [config]
+
+
+@dataclass(frozen=True)
+class FromPack:
+    """Tune `sample_from` function that copies `config[PACK_KEY][key]` to the top level."""
+
+    key: str
+
+    def __call__(self, config: dict[str, Any]) -> Any:
+        return config[PACK_KEY][self.key]
 
 
 @dataclass(frozen=True)
@@ -199,18 +299,29 @@ def build_scheduler(exp: ExperimentConfig) -> TrialScheduler:
 
 
 def num_samples(exp: ExperimentConfig) -> int:
-    """Return Tune's `num_samples`: 1 for grid, search.num_samples for random, and
-    search.num_samples per hookpoint and architecture for optuna."""
+    """Return Tune's `num_samples`: 1 for grid and for packed sweeps (whose packs hold
+    every sample), search.num_samples for random, and search.num_samples per
+    hookpoint and architecture for optuna."""
     algorithm = exp.tune.search_alg
-    if algorithm == "grid":
+    if algorithm == "grid" or (algorithm == "random" and exp.tune.saes_per_trial > 1):
         return 1
     if algorithm == "random":
         return exp.search.num_samples
     return exp.search.num_samples * len(exp.hookpoint_names) * len(exp.search.architectures)
 
 
+def count_tune_trials(exp: ExperimentConfig) -> int:
+    """Return the number of Tune trials (processes) the sweep runs: one per SAE, or
+    one per pack of up to tune.saes_per_trial SAEs of a hookpoint."""
+    n_saes = count_trials(exp)
+    if exp.tune.saes_per_trial <= 1:
+        return n_saes
+    per_hookpoint = n_saes // len(exp.hookpoint_names)
+    return len(exp.hookpoint_names) * math.ceil(per_hookpoint / exp.tune.saes_per_trial)
+
+
 def count_trials(exp: ExperimentConfig) -> int:
-    """Return the number of trials the sweep runs (without ASHA stopping any early)."""
+    """Return the number of SAEs the sweep trains (without ASHA stopping any early)."""
     if exp.tune.search_alg == "optuna":
         return num_samples(exp)
     search = exp.search
@@ -218,7 +329,8 @@ def count_trials(exp: ExperimentConfig) -> int:
     for architecture in search.architectures:
         coefficient = getattr(search, _coefficient_of(architecture))
         per_hookpoint += _grid_size(search.expansion_factors) * _grid_size(coefficient)
-    return num_samples(exp) * len(exp.hookpoint_names) * per_hookpoint
+    samples = exp.search.num_samples if exp.tune.search_alg == "random" else 1
+    return samples * len(exp.hookpoint_names) * per_hookpoint
 
 
 def _grid_size(value: SearchValue) -> int:
@@ -234,7 +346,14 @@ def build_tune_config(exp: ExperimentConfig) -> tune.TuneConfig:
         search_alg=build_search_alg(exp),
         scheduler=build_scheduler(exp),
         num_samples=num_samples(exp),
+        trial_dirname_creator=pack_dirname if exp.tune.saes_per_trial > 1 else None,
     )
+
+
+def pack_dirname(trial: Any) -> str:
+    """Folder name of a trial that trains several SAEs: its id and hookpoint (Tune's
+    default would spell out every member config)."""
+    return f"pack_{trial.trial_id}_{trial.config['hookpoint']}"
 
 
 def trial_sae_config(

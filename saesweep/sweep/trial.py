@@ -1,13 +1,14 @@
-"""One Tune trial: train one SAE config on one hookpoint from an activation server."""
+"""One Tune trial: train one SAE config, or several of one hookpoint together, from an activation server."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,11 @@ from saesweep.activations.client import ActivationClient
 from saesweep.evaluation.heldout import fetch_heldout, sae_file_bytes
 from saesweep.experiment import ExperimentConfig
 from saesweep.saes import SAE
-from saesweep.sweep.space import trial_sae_config
+from saesweep.sweep.space import PACK_KEY, trial_members, trial_sae_config
 from saesweep.tracking.champions import HELDOUT_PREFIX
 from saesweep.tracking.runs import TrialTracker
 from saesweep.tracking.settings import TrackingSettings, redact
+from saesweep.training.group import fit_together
 from saesweep.training.metrics import evaluate_sae
 from saesweep.training.trainer import Report, SAETrainer, TrainerConfig
 
@@ -30,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 TRAINER_STATE_FILENAME = "trainer_state.pt"
 SAE_FOLDER = "sae"
+MEMBERS_FOLDER = "members"
+MEMBERS_FILENAME = "members.json"
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,8 @@ def _torch_threads() -> int:
     return max(1, math.floor(cpus))
 
 
-def _install_sigterm_checkpoint(trainer: SAETrainer) -> None:
-    """Ask the trainer to stop and checkpoint on SIGTERM.
+def _install_sigterm_checkpoint(trainers: list[SAETrainer]) -> None:
+    """Ask the trainers to stop and checkpoint on SIGTERM.
 
     NOTE: Python accepts signal handlers only in the main thread; Tune runs
     function trainables in a worker thread, where this is skipped and the
@@ -93,30 +97,133 @@ def _install_sigterm_checkpoint(trainer: SAETrainer) -> None:
 
     def handle(signum: int, frame: Any) -> None:
         logger.warning("SIGTERM: stopping after this step and writing a checkpoint")
-        trainer.request_stop()
+        for trainer in trainers:
+            trainer.request_stop()
 
     signal.signal(signal.SIGTERM, handle)
 
 
+@dataclass
+class Member:
+    """One SAE that a trial trains: its config, trainer, MLflow run and outcome."""
+
+    member_id: str
+    """The trial id, or `<trial id>-<index>` in a trial that trains several SAEs."""
+    config: dict[str, Any]
+    trainer: SAETrainer
+    tracker: TrialTracker | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """Latest training metrics, then the final ones with the held-out metrics."""
+    error: str | None = None
+    finished: bool = False
+    """True once its MLflow run is closed."""
+
+    def close_run(self, error: str | None = None) -> None:
+        if self.tracker is not None and not self.finished:
+            self.tracker.finish(error=error)
+        self.finished = True
+
+
+class TrialState:
+    """The SAEs of one trial and the layout of its checkpoint folders.
+
+    A trial with one SAE writes `trainer_state.pt` and `sae/` at the top of its
+    checkpoint. A trial that trains several writes `members.json` (ids, errors and
+    final metrics) and `members/<index>/trainer_state.pt` and `members/<index>/sae/`.
+    """
+
+    def __init__(self, members: list[Member], packed: bool, metric: str, mode: str):
+        self.members = members
+        self.packed = packed
+        self.metric = metric
+        self.mode = mode
+        self.failed: dict[int, BaseException] = {}
+
+    def folder_of(self, root: Path, index: int) -> Path:
+        return root / MEMBERS_FOLDER / str(index) if self.packed else root
+
+    def save(self, root: Path, final: bool = False) -> None:
+        """Write the trainer state and the SAE files of every SAE still training;
+        `final` adds each SAE's latent densities."""
+        for index, member in enumerate(self.members):
+            if index in self.failed:
+                continue
+            folder = self.folder_of(root, index)
+            folder.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(member.trainer, folder, sparsity=final)
+        if self.packed:
+            record = {
+                "ids": [member.member_id for member in self.members],
+                "errors": {str(index): self.members[index].error for index in self.failed},
+                "metrics": {str(index): member.metrics for index, member in enumerate(self.members)},
+            }
+            (root / MEMBERS_FILENAME).write_text(json.dumps(record, default=str))
+
+    def load(self, root: Path) -> None:
+        """Continue from a checkpoint written by `save`."""
+        if self.packed and (root / MEMBERS_FILENAME).is_file():
+            record = json.loads((root / MEMBERS_FILENAME).read_text())
+            for index, text in record.get("errors", {}).items():
+                self.mark_failed(int(index), RuntimeError(text), text=text)
+        for index, member in enumerate(self.members):
+            if index not in self.failed:
+                state = torch.load(self.folder_of(root, index) / TRAINER_STATE_FILENAME, weights_only=False)
+                member.trainer.load_state_dict(state)
+
+    def mark_failed(self, index: int, error: BaseException, text: str | None = None) -> None:
+        """Record that SAE `index` failed and close its MLflow run with the reason."""
+        member = self.members[index]
+        self.failed[index] = error
+        member.error = text or f"{type(error).__name__}: {error}"
+        member.close_run(error=member.error)
+
+    def close_failed_runs(self) -> None:
+        """Close the MLflow runs of SAEs that the trainers dropped since the last call."""
+        for index, error in self.failed.items():
+            if self.members[index].error is None:
+                self.mark_failed(index, error)
+
+    def result(self) -> dict[str, Any]:
+        """The Tune result: the SAE's metrics, or for several SAEs each one's under
+        `members` and the best value of the sweep's metric at the top level."""
+        lead = next(m.trainer for i, m in enumerate(self.members) if i not in self.failed)
+        progress = {"step": lead.step, "tokens_trained": float(lead.tokens_trained)}
+        if not self.packed:
+            return {**self.members[0].metrics, **progress}
+        result: dict[str, Any] = {
+            **progress,
+            "members": {m.member_id: {**m.metrics, **progress} for i, m in enumerate(self.members) if i not in self.failed},
+            "tokens_per_second": sum(
+                m.metrics.get("tokens_per_second", 0.0) for i, m in enumerate(self.members) if i not in self.failed
+            ),
+        }
+        values = [m.metrics[self.metric] for m in self.members if self.metric in m.metrics and m.error is None]
+        if values:
+            result[self.metric] = max(values) if self.mode == "max" else min(values)
+        return result
+
+
 class TuneReporter:
-    """Send trainer reports to Tune, with a checkpoint folder when one is due,
-    and each logging step's metrics to the trial's MLflow run."""
+    """Send each report of the trainers to Tune, with a checkpoint folder when one
+    is due, and each SAE's metrics to its MLflow run."""
 
-    def __init__(self, tracker: TrialTracker | None):
-        self.tracker = tracker
-        self.last_metrics: dict[str, float] = {}
+    def __init__(self, state: TrialState):
+        self.state = state
 
-    def __call__(self, trainer: SAETrainer, report: Report) -> None:
-        self.last_metrics.update(report.metrics)
-        metrics = {**self.last_metrics, "step": report.step, "tokens_trained": float(report.tokens_trained)}
-        if self.tracker is not None and report.metrics:
-            self.tracker.log_metrics(report.step, report.metrics)
-        if report.checkpoint:
+    def __call__(self, reports: list[tuple[int, SAETrainer, Report]]) -> None:
+        for index, _, report in reports:
+            member = self.state.members[index]
+            member.metrics.update(report.metrics)
+            if member.tracker is not None and report.metrics:
+                member.tracker.log_metrics(report.step, report.metrics)
+        self.state.close_failed_runs()
+        _, _, first = reports[0]
+        if first.checkpoint:
             with tempfile.TemporaryDirectory() as folder:
-                save_checkpoint(trainer, Path(folder))
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-        elif not report.final:
-            tune.report(metrics)
+                self.state.save(Path(folder))
+                tune.report(self.state.result(), checkpoint=tune.Checkpoint.from_directory(folder))
+        elif not first.final:
+            tune.report(self.state.result())
 
 
 def save_checkpoint(trainer: SAETrainer, folder: Path, sparsity: bool = False) -> None:
@@ -159,11 +266,14 @@ def run_trial(
     tracking: TrialTracking | None = None,
     prepend_bos: bool | None = None,
 ) -> None:
-    """Tune function trainable: train, evaluate on held-out text, report, save."""
+    """Tune function trainable: train the trial's SAEs, evaluate them on held-out
+    text, report, save. A diverging SAE fails alone; the trial fails when all do."""
     hookpoint = config["hookpoint"]
     trial_id = tune.get_context().get_trial_id()
+    configs = trial_members(config)
+    packed = PACK_KEY in config
     torch.set_num_threads(_torch_threads())
-    logger.info("trial %s starts: hookpoint %s, config %s", trial_id, hookpoint, config)
+    logger.info("trial %s starts: hookpoint %s, %d SAE(s): %s", trial_id, hookpoint, len(configs), configs)
 
     server = ray.get_actor(routes.train[hookpoint], namespace=routes.namespace)
     # The sweep starts trials while servers still load their model and estimate the
@@ -177,65 +287,74 @@ def run_trial(
         shuffle_buffer_tokens=exp.servers.shuffle_buffer_tokens,
         seed=exp.training.seed,
     )
-    tracker = None
+    members: list[Member] = []
     try:
-        sae_cfg = trial_sae_config(
-            exp,
-            config,
-            d_in=client.d_in,
-            prepend_bos=prepend_bos,
-            model_from_pretrained_kwargs=redact(dict(exp.model.load_options)),
-            metadata={"tune_trial_id": trial_id, "served_positions": "no padding, BOS, separator or position 0"},
-        )
-        tracker = _open_tracker(tracking, trial_id, config, {"sae": sae_cfg.to_dict(), "trainer": trainer_cfg.to_dict()})
-        sae = SAE.from_config(sae_cfg)
-        sae.activation_norm_scale = client.norm_scale
-        reporter = TuneReporter(tracker)
-        trainer = SAETrainer(sae, trainer_cfg, report_fn=reporter)
+        for index, member_config in enumerate(configs):
+            member_id = f"{trial_id}-{index}" if packed else trial_id
+            sae_cfg = trial_sae_config(
+                exp,
+                member_config,
+                d_in=client.d_in,
+                prepend_bos=prepend_bos,
+                model_from_pretrained_kwargs=redact(dict(exp.model.load_options)),
+                metadata={"tune_trial_id": member_id, "served_positions": "no padding, BOS, separator or position 0"},
+            )
+            tracker = _open_tracker(
+                tracking, member_id, member_config, {"sae": sae_cfg.to_dict(), "trainer": trainer_cfg.to_dict()}
+            )
+            sae = SAE.from_config(sae_cfg)
+            sae.activation_norm_scale = client.norm_scale
+            members.append(Member(member_id, member_config, SAETrainer(sae, trainer_cfg), tracker))
+        state = TrialState(members, packed, metric=exp.tune.metric, mode=exp.tune.mode)
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
-                trainer.load_state_dict(torch.load(Path(folder) / TRAINER_STATE_FILENAME, weights_only=False))
-            logger.info("trial %s resumes at step %d", trial_id, trainer.step)
-        _install_sigterm_checkpoint(trainer)
+                state.load(Path(folder))
+            logger.info("trial %s resumes at step %d", trial_id, members[0].trainer.step)
+        trainers = [member.trainer for member in members]
+        _install_sigterm_checkpoint(trainers)
 
-        trainer.fit(client)
+        fit_together(trainers, client, report_fn=TuneReporter(state), failed=state.failed)
+        state.close_failed_runs()
         client.close()
-        if trainer.stop_requested:
+        if any(trainer.stop_requested for trainer in trainers):
             return
-        heldout = _evaluate(sae, exp, routes, hookpoint)
+        for index, member in enumerate(members):
+            if index in state.failed:
+                continue
+            heldout = _evaluate(member.trainer.sae, exp, routes, hookpoint)
+            member.metrics.update({HELDOUT_PREFIX + name: value for name, value in heldout.items()})
+            member.metrics.update(
+                step=member.trainer.step,
+                tokens_trained=float(member.trainer.tokens_trained),
+                node_id=ray.get_runtime_context().get_node_id(),
+            )
+            logger.info(
+                "SAE %s done: %s explained variance %.4f, L0 %.1f on held-out text",
+                member.member_id,
+                hookpoint,
+                heldout.get("explained_variance", float("nan")),
+                heldout.get("l0", float("nan")),
+            )
     except Exception as error:
         logger.exception("trial %s on %s failed", trial_id, hookpoint)
-        if tracker is not None:
-            tracker.finish(error=f"{type(error).__name__}: {error}")
+        for member in members:
+            member.close_run(error=f"{type(error).__name__}: {error}")
         raise
     finally:
         client.close()
 
-    heldout_metrics = {HELDOUT_PREFIX + name: value for name, value in heldout.items()}
-    metrics = {
-        **reporter.last_metrics,
-        **heldout_metrics,
-        "step": trainer.step,
-        "tokens_trained": float(trainer.tokens_trained),
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "done": True,
-    }
     with tempfile.TemporaryDirectory() as folder:
-        save_checkpoint(trainer, Path(folder), sparsity=True)
-        if tracker is not None:
-            tracker.log_final(trainer.step, heldout_metrics)
-            tracker.log_sae(Path(folder) / SAE_FOLDER)
-            tracker.finish()
-        logger.info(
-            "trial %s done: %s explained variance %.4f, L0 %.1f on held-out text",
-            trial_id,
-            hookpoint,
-            heldout.get("explained_variance", float("nan")),
-            heldout.get("l0", float("nan")),
-        )
+        state.save(Path(folder), final=True)
+        for index, member in enumerate(members):
+            if index in state.failed or member.tracker is None:
+                continue
+            heldout_metrics = {name: value for name, value in member.metrics.items() if name.startswith(HELDOUT_PREFIX)}
+            member.tracker.log_final(member.trainer.step, heldout_metrics)
+            member.tracker.log_sae(state.folder_of(Path(folder), index) / SAE_FOLDER)
+            member.close_run()
         # The last statement: Tune ends the trial on a result with done=True.
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        tune.report({**state.result(), "done": True}, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 def _evaluate(sae: SAE, exp: ExperimentConfig, routes: ServerRoutes, hookpoint: str) -> dict[str, float]:

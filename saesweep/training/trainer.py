@@ -147,6 +147,8 @@ class SAETrainer:
         self.step = 0
         self.tokens_trained = 0
         self.stop_requested = False
+        self.last_metrics: dict[str, float] = {}
+        """Metrics of the latest report that had metrics."""
         self._losses_sum: dict[str, float] = {}
         self._steps_in_window = 0
         self._window_start = time.perf_counter()
@@ -167,37 +169,10 @@ class SAETrainer:
 
     def fit(self, batches: Iterable[torch.Tensor]) -> dict[str, float]:
         """Train until `total_tokens` or a stop request; return the last metrics."""
-        last_metrics: dict[str, float] = {}
-        logger.info(
-            "training %s SAE d_sae=%d from step %d for %d tokens",
-            self.sae.cfg.architecture,
-            self.sae.cfg.d_sae,
-            self.step,
-            self.cfg.total_tokens - self.tokens_trained,
-        )
-        for batch in rebatch(batches, self.cfg.batch_size):
-            if self.done or self.stop_requested:
-                break
-            self.train_step(batch)
-            if self.done or self.stop_requested:
-                break
-            log_due = self.step % self.cfg.log_every_steps == 0
-            checkpoint_due = bool(self.cfg.checkpoint_every_steps) and self.step % self.cfg.checkpoint_every_steps == 0
-            if log_due or checkpoint_due:
-                metrics = self.log_metrics() if log_due else {}
-                last_metrics = metrics or last_metrics
-                self._report(metrics, checkpoint=checkpoint_due, final=False)
+        from saesweep.training.group import fit_together
 
-        if self.stop_requested:
-            logger.info("stop requested at step %d: writing a checkpoint", self.step)
-        elif not self.done:
-            logger.warning(
-                "activation stream ended after %d of %d tokens", self.tokens_trained, self.cfg.total_tokens
-            )
-        metrics = self.log_metrics() if self.window.n_tokens else {}
-        last_metrics = metrics or last_metrics
-        self._report(metrics, checkpoint=self.stop_requested, final=True)
-        return last_metrics
+        fit_together([self], batches)
+        return self.last_metrics
 
     def train_step(self, x: torch.Tensor) -> None:
         """Run one optimizer step on x [batch, d_in]."""
@@ -269,11 +244,6 @@ class SAETrainer:
         self._window_start = time.perf_counter()
         self._window_tokens = 0
         return metrics
-
-    def _report(self, metrics: dict[str, float], *, checkpoint: bool, final: bool) -> None:
-        if self.report_fn is not None:
-            report = Report(self.step, self.tokens_trained, metrics, checkpoint=checkpoint, final=final)
-            self.report_fn(self, report)
 
     # resume -----------------------------------------------------------------------
 
