@@ -374,22 +374,24 @@ def sweep_experiment(
     sae_dtype: str = "float32",
     max_batches_in_flight: int = 4,
     coefficients: dict[str, list[float]] | None = None,
+    saes_per_trial: int = 1,
+    autocast: bool = False,
 ) -> dict[str, Any]:
     """Return experiment-file data for a benchmark sweep, run in one wave with tracking off.
 
     Every trial runs at once (``max_concurrent_trials`` is the trial count), so one forward
     pass feeds all of them. There is no held-out evaluation and no checkpoint, so the
     sweep's time is serving and training. ``coefficients`` overrides the sparsity values
-    searched per coefficient name (a list is a grid).
+    searched per coefficient name (a list is a grid). ``saes_per_trial`` and ``autocast``
+    set ``tune.saes_per_trial`` and ``training.autocast``.
     """
     search: dict[str, Any] = {"architectures": architectures, "expansion_factors": expansion_factors}
     for architecture in architectures:
         coefficient, value = ARCHITECTURE_COEFFICIENTS[architecture]
         search[coefficient] = [value]
     search.update(coefficients or {})
-    n_trials = len(hookpoints) * len(expansion_factors) * sum(
-        len(search[ARCHITECTURE_COEFFICIENTS[a][0]]) for a in architectures
-    )
+    per_hookpoint = len(expansion_factors) * sum(len(search[ARCHITECTURE_COEFFICIENTS[a][0]]) for a in architectures)
+    n_trials = len(hookpoints) * -(-per_hookpoint // saes_per_trial)
     return {
         "name": name,
         "model": {"name": "smollm2-135m", "dtype": model_dtype},
@@ -409,8 +411,13 @@ def sweep_experiment(
             "checkpoint_every_steps": 0,
             "dead_latent_window_tokens": tokens_per_trial,
             "eval_tokens": 0,
+            "autocast": autocast,
         },
-        "tune": {"max_concurrent_trials": n_trials, "resources_per_trial": {"cpu": trial_cpus}},
+        "tune": {
+            "max_concurrent_trials": n_trials,
+            "resources_per_trial": {"cpu": trial_cpus},
+            "saes_per_trial": saes_per_trial,
+        },
         "servers": {
             "resources": {"cpu": server_cpus},
             "sequences_per_batch": sequences_per_batch,
@@ -617,13 +624,16 @@ def run_shared_sweep(exp, allow_failures: bool = False) -> dict[str, Any]:
     for trial in trial_reports(result.tune_path):
         rate = steady_rate(trial["reports"])
         config = trial["config"]
+        # A trial that trains several SAEs reports the tokens of each; they train on the same batches.
+        members = config["pack"]["members"] if "pack" in config else [config]
         first, last = trial["reports"][0], trial["reports"][-1]
         trials.append(
             {
                 "hookpoint": config["hookpoint"],
-                "architecture": config["architecture"],
-                "expansion_factor": config["expansion_factor"],
-                "steady_tokens_per_s": rate["tokens_per_s"] if rate else float("nan"),
+                "architecture": ",".join(member["architecture"] for member in members),
+                "expansion_factor": config.get("expansion_factor", members[0]["expansion_factor"]),
+                "saes": len(members),
+                "steady_tokens_per_s": rate["tokens_per_s"] * len(members) if rate else float("nan"),
                 # Seconds after the sweep started; Tune stamps reports in whole seconds.
                 "started_s": first["timestamp"] - first["time_total_s"] - monitor.started,
                 "first_report_s": first["timestamp"] - monitor.started,

@@ -4,6 +4,8 @@ The same SAE configs (hookpoints x architectures, equal tokens per SAE) are trai
 
 a. shared: one saesweep sweep (``run_sweep``). One activation server runs the model once per
    batch, to the deepest hookpoint, and every trial reads its hookpoint from it.
+a2. the same sweep with the SAEs of each hookpoint trained together in one trial
+   (``tune.saes_per_trial``), so one trial process per hookpoint instead of one per SAE.
 b. one at a time: in this process, config after config, with saesweep's own ``SAETrainer``
    and ``run_hookpoints``. Each config pays for its own forward passes (normalization
    estimate included) and reads them through the same shuffle buffer as a trial, so only the
@@ -72,6 +74,7 @@ class Settings:
     normalization_tokens: int
     log_every_steps: int
     threads: int
+    saes_per_trial: int
     saelens: bool
     output: str | None
     plot: str | None
@@ -91,15 +94,23 @@ def parse_args() -> Settings:
         default=os.cpu_count(),
         help="torch threads of the one-at-a-time and SAELens runs and of the matmul peak (default: all cores)",
     )
+    parser.add_argument(
+        "--saes-per-trial",
+        type=int,
+        default=None,
+        help="also run the shared sweep with this many SAEs of a hookpoint per trial "
+        "(default: the number of architectures; 1 skips that run)",
+    )
     parser.add_argument("--no-saelens", action="store_true", help="skip the SAELens run")
     parser.add_argument("--output", default=None, help="write the results as JSON to this file")
     parser.add_argument("--plot", default=None, help="write a bar chart of the wall times to this PNG file")
     args = parser.parse_args()
 
     batch_size = args.batch_size or (256 if args.quick else 1024)
+    architectures = (args.architectures or ("topk,standard" if args.quick else "topk,standard,jumprelu")).split(",")
     return Settings(
         layers=[int(x) for x in (args.layers or ("1" if args.quick else "4,8,12,16")).split(",")],
-        architectures=(args.architectures or ("topk,standard" if args.quick else "topk,standard,jumprelu")).split(","),
+        architectures=architectures,
         expansion_factor=args.expansion_factor,
         tokens_per_sae=args.tokens_per_sae or (1024 if args.quick else 32768),
         batch_size=batch_size,
@@ -109,15 +120,18 @@ def parse_args() -> Settings:
         normalization_tokens=4 * batch_size,
         log_every_steps=1 if args.quick else 4,
         threads=args.threads,
+        saes_per_trial=args.saes_per_trial or len(architectures),
         saelens=not args.no_saelens,
         output=args.output,
         plot=args.plot,
     )
 
 
-def build_experiment(settings: Settings, output_dir: str) -> tuple[dict[str, Any], ExperimentConfig]:
+def build_experiment(
+    settings: Settings, output_dir: str, saes_per_trial: int = 1
+) -> tuple[dict[str, Any], ExperimentConfig]:
     data = _common.sweep_experiment(
-        name="sweep-throughput",
+        name="sweep-throughput" if saes_per_trial == 1 else "sweep-throughput-packed",
         output_dir=output_dir,
         hookpoints=settings.hookpoints,
         architectures=settings.architectures,
@@ -129,6 +143,9 @@ def build_experiment(settings: Settings, output_dir: str) -> tuple[dict[str, Any
         shuffle_buffer_tokens=settings.shuffle_buffer_tokens,
         normalization_tokens=settings.normalization_tokens,
         log_every_steps=settings.log_every_steps,
+        # Each trial gets one torch thread: 0.1 CPU when it trains one SAE, 0.25 when it trains several.
+        trial_cpus=0.1 if saes_per_trial == 1 else 0.25,
+        saes_per_trial=saes_per_trial,
     )
     return data, parse_experiment(data)
 
@@ -419,11 +436,20 @@ def flop_accounting(settings: Settings, results: dict[str, Any]) -> dict[str, An
         for config in configs
     )
 
-    useful = {"shared": shared["total"], "one_at_a_time": one_at_a_time, "saelens": one_at_a_time}
+    useful = {
+        "shared": shared["total"],
+        "shared_packed": shared["total"],
+        "one_at_a_time": one_at_a_time,
+        "saelens": one_at_a_time,
+    }
     useful = {way: value for way, value in useful.items() if way in results}
     peaks = results["matmul_peak_flops"]
     peak = max(peaks["before"]["float32"], peaks["after"]["float32"])
-    steady_shared = results["shared"]["steady_tokens_per_s"] * shared["per_trained_token"]
+    steady = {
+        way: results[way]["steady_tokens_per_s"] * shared["per_trained_token"] / peak
+        for way in ("shared", "shared_packed")
+        if way in results
+    }
     return {
         "model_forward_flops_per_token": {
             hookpoint: flops.to_hookpoint(hookpoint, settings.context_size) for hookpoint in settings.hookpoints
@@ -433,7 +459,7 @@ def flop_accounting(settings: Settings, results: dict[str, Any]) -> dict[str, An
         "ideal_ratio": one_at_a_time / shared["total"],
         "float32_peak_flops_per_s": peak,
         "utilization": {way: useful[way] / results[way]["wall_s"] / peak for way in useful},
-        "steady_utilization_shared": steady_shared / peak,
+        "steady_utilization": steady,
     }
 
 
@@ -450,29 +476,41 @@ def summarize(settings: Settings, results: dict[str, Any]) -> str:
         "model forward tokens, normalization estimate included | useful GFLOP/s | utilization | peak memory GiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for way, label in (("shared", "a. shared sweep"), ("one_at_a_time", "b. one at a time"), ("saelens", "c. SAELens")):
+    ways = (
+        ("shared", "a. shared sweep"),
+        ("shared_packed", f"a2. shared sweep, {settings.saes_per_trial} SAEs per trial"),
+        ("one_at_a_time", "b. one at a time"),
+        ("saelens", "c. SAELens"),
+    )
+    for way, label in ways:
         if way not in results:
             continue
         run = results[way]
         ratio = run["wall_s"] / shared["wall_s"]
-        fraction = "" if way == "shared" else f"{ratio / ideal:.2f}"
+        fraction = "" if way.startswith("shared") else f"{ratio / ideal:.2f}"
         gflops = accounting["useful_flops"][way] / run["wall_s"] / 1e9
         lines.append(
             f"| {label} | {run['wall_s']:.0f} | {ratio:.2f} | {fraction} | "
             f"{run['lm_forward_tokens'] + run.get('norm_estimate_forward_tokens', 0)} | "
             f"{gflops:.1f} | {accounting['utilization'][way]:.1%} | {run['peak_memory_gib']:.2f} |"
         )
-    steady_shared = shared["tokens_trained"] / shared["steady_tokens_per_s"]
-    steady_ratio = results["one_at_a_time"]["steady_s"] / steady_shared
-    lines += [
-        "",
-        f"steady state (start-up left out): shared {steady_shared:.0f} s, one at a time "
-        f"{results['one_at_a_time']['steady_s']:.0f} s, ratio {steady_ratio:.2f} = {steady_ratio / ideal:.2f} of ideal",
-        f"steady-state utilization of the shared sweep: {accounting['steady_utilization_shared']:.1%} "
-        "of the float32 peak",
-        timeline(shared),
-        f"object store peak (pages allocated in its /dev/shm file): {shared['peak_object_store_gib']:.3f} GiB",
-    ]
+    one_at_a_time = results["one_at_a_time"]
+    lines.append("")
+    for way, label in ways[:2]:
+        if way not in results:
+            continue
+        run = results[way]
+        ratio = one_at_a_time["wall_s"] / run["wall_s"]
+        steady_s = run["tokens_trained"] / run["steady_tokens_per_s"]
+        steady_ratio = one_at_a_time["steady_s"] / steady_s
+        lines += [
+            f"{label}: one at a time took {ratio:.2f} times as long, {ratio / ideal:.2f} of the ideal ratio",
+            f"  steady state (start-up left out): {steady_s:.0f} s against {one_at_a_time['steady_s']:.0f} s, "
+            f"ratio {steady_ratio:.2f} = {steady_ratio / ideal:.2f} of ideal; "
+            f"{accounting['steady_utilization'][way]:.1%} of the float32 peak",
+            "  " + timeline(run),
+            f"  object store peak (pages allocated in its /dev/shm file): {run['peak_object_store_gib']:.3f} GiB",
+        ]
     return "\n".join(lines)
 
 
@@ -483,7 +521,7 @@ def timeline(shared: dict[str, Any]) -> str:
     first = sorted(trial["first_report_s"] for trial in trials)
     last = max(trial["last_report_s"] for trial in trials)
     return (
-        f"shared sweep timeline (s after run_sweep began, Ray start {shared['ray_start_s']:.0f} s before): "
+        f"timeline (s after run_sweep began, Ray start {shared['ray_start_s']:.0f} s before): "
         f"trials started {started[0]:.0f} to {started[-1]:.0f}, first reports {first[0]:.0f} to {first[-1]:.0f}, "
         f"last report {last:.0f}, sweep done {shared['sweep_wall_s']:.0f}"
     )
@@ -497,15 +535,18 @@ def plot(settings: Settings, results: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     shared = results["shared"]
-    shared_steady = shared["tokens_trained"] / shared["steady_tokens_per_s"]
-    bars = [("a. shared sweep", shared["wall_s"], shared_steady)]
+    bars = []
+    for way, label in (("shared", "a. shared sweep"), ("shared_packed", f"a2. {settings.saes_per_trial} SAEs per trial")):
+        if way in results:
+            run = results[way]
+            bars.append((label, run["wall_s"], run["tokens_trained"] / run["steady_tokens_per_s"]))
     bars.append(("b. one at a time", results["one_at_a_time"]["wall_s"], results["one_at_a_time"]["steady_s"]))
     if "saelens" in results:
         bars.append(("c. SAELens", results["saelens"]["wall_s"], None))
     figure, axis = plt.subplots(figsize=(7, 3.2))
     for row, (label, wall, steady) in enumerate(bars):
         if steady is None:
-            axis.barh(row, wall, color="tab:gray", label="whole run, not split" if row == 2 else None)
+            axis.barh(row, wall, color="tab:gray", label="whole run, not split")
             continue
         axis.barh(row, steady, color="tab:blue", label="steady training" if row == 0 else None)
         axis.barh(
@@ -538,6 +579,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="saesweep-bench-") as output_dir:
         data, exp = build_experiment(settings, output_dir)
         results["shared"] = run_shared(data, exp)
+        if settings.saes_per_trial > 1:
+            packed_data, packed_exp = build_experiment(settings, output_dir, settings.saes_per_trial)
+            results["shared_packed"] = run_shared(packed_data, packed_exp)
     results["one_at_a_time"] = run_one_at_a_time(settings, exp)
     if settings.saelens:
         results["saelens"] = run_saelens(settings, exp)

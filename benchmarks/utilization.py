@@ -10,7 +10,11 @@ several variants, one after another on one local Ray instance:
 - server-2-threads: float32, the activation server with 2 CPUs (2 torch threads);
 - trial-2-threads: float32, every trial with 2 CPUs (2 torch threads) instead of 0.1 (1
   thread). The Ray instance declares enough logical CPUs that all trials still run at
-  once, so the trials' threads outnumber the cores.
+  once, so the trials' threads outnumber the cores;
+- autocast: float32, SAE training under bfloat16 autocast (``training.autocast``);
+- packed: float32, the SAEs of each hookpoint trained together in one trial
+  (``tune.saes_per_trial: 3``), so one trial process per hookpoint;
+- packed-bf16: packed, with the model in bfloat16 and SAE training under autocast.
 
 For each variant it reports the sweep's wall time and its useful FLOPs per second (model
 forward plus SAE training, formulas in ``benchmarks/_common.py``). It gives that rate as a
@@ -49,8 +53,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bf16-model": {"model_dtype": "bfloat16", "sae_dtype": "float32"},
     "server-2-threads": {"model_dtype": "float32", "sae_dtype": "float32", "server_cpus": 2.0},
     "trial-2-threads": {"model_dtype": "float32", "sae_dtype": "float32", "trial_cpus": 2.0},
+    "autocast": {"model_dtype": "float32", "sae_dtype": "float32", "autocast": True},
+    "packed": {"model_dtype": "float32", "sae_dtype": "float32", "saes_per_trial": 3, "trial_cpus": 0.25},
+    "packed-bf16": {
+        "model_dtype": "bfloat16", "sae_dtype": "float32", "autocast": True, "saes_per_trial": 3, "trial_cpus": 0.25,
+    },
 }
-"""Sweep variants by name: dtypes and Ray CPUs per server and per trial."""
+"""Sweep variants by name: dtypes, bfloat16 autocast of SAE training, SAEs per trial, and
+Ray CPUs per server and per trial."""
 
 
 @dataclass
@@ -125,6 +135,8 @@ def experiment_data(settings: Settings, variant: str, output_dir: str) -> dict[s
         sae_dtype=options["sae_dtype"],
         trial_cpus=options.get("trial_cpus", 0.1),
         server_cpus=options.get("server_cpus", 1.0),
+        saes_per_trial=options.get("saes_per_trial", 1),
+        autocast=options.get("autocast", False),
     )
 
 

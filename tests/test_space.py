@@ -131,7 +131,7 @@ def test_coefficients_follow_architecture():
 def test_example_grids_match_count():
     for file_name, expected in (("quickstart.yaml", 9), ("gpt2_all_layers.yaml", 432)):
         exp = load_experiment(EXPERIMENTS / file_name, check_model=False)
-        configs = expand(exp)
+        configs = [member for trial in expand(exp) for member in trial_members(trial)]
 
         assert len(configs) == expected
         assert count_trials(exp) == expected
@@ -255,7 +255,7 @@ def test_schedulers():
 
 def test_trial_sae_config():
     exp = load_experiment(EXPERIMENTS / "quickstart.yaml", check_model=False)
-    for config in expand(exp):
+    for config in (member for trial in expand(exp) for member in trial_members(trial)):
         cfg = trial_sae_config(exp, config, d_in=576, prepend_bos=False)
         coefficient = get_architecture(config["architecture"]).sparsity_coefficient
 
