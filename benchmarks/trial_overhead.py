@@ -11,7 +11,9 @@ One run measures, with the same SAE config, batch size and torch thread count (1
    same hookpoint to a reader that consumes it at the in-trial rate. The server's forward
    passes then take the same share of the machine as during the trial.
 4. levers on the bare loop, each against the bare loop alone: 2 torch threads, bfloat16
-   autocast around training (float32 weights), and ``torch.compile`` of ``training_loss``.
+   autocast around training (float32 weights), ``torch.compile`` of ``training_loss``, and
+   the dense decoder (``sparse_decoder=False``), which shows what the sparse decoder of
+   topk and batchtopk SAEs gains over it.
 5. the copy path: the time per training batch of what the activation client does between
    the object store and the trainer (``ray.get``, the copy out of shared memory, the
    shuffle buffer), against the time of one bare training step.
@@ -33,7 +35,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +58,7 @@ from saesweep.sweep.space import trial_sae_config  # noqa: E402
 from saesweep.sweep.trial import trainer_config  # noqa: E402
 from saesweep.training.trainer import SAETrainer  # noqa: E402
 
-LEVERS = ("threads-2", "autocast-bf16", "compile")
+LEVERS = ("threads-2", "autocast-bf16", "compile", "dense-decoder")
 """Levers measured on the bare loop."""
 
 
@@ -226,8 +228,11 @@ def bare_loop(
         context = torch.autocast("cpu", dtype=torch.bfloat16)
     if lever == "compile":
         sae.training_loss = torch.compile(sae.training_loss)
+    cfg = trainer_config(exp)
+    if lever == "dense-decoder":
+        cfg = replace(cfg, sparse_decoder=False)
     clock = _common.ReportClock()
-    trainer = SAETrainer(sae, trainer_config(exp), report_fn=clock)
+    trainer = SAETrainer(sae, cfg, report_fn=clock)
     with _common.ResourceMonitor() as monitor, context:
         trainer.fit(batches)
     usage = monitor.summary()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -11,6 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from saesweep import SAE, SAEConfig
 from saesweep.saes import list_architectures
+from saesweep.saes.base import SparseLatents
+from saesweep.saes.batchtopk import batch_topk_activation, batch_topk_latents
 from saesweep.saes.jumprelu import JumpReLUFunction, StepFunction
 from saesweep.saes.topk import topk_activation
 
@@ -307,3 +310,101 @@ def test_config_rejects_k_above_d_sae():
 def test_config_rejects_unknown_architecture():
     with pytest.raises(ValueError, match="unknown SAE architecture 'sparse'"):
         SAEConfig(architecture="sparse", d_in=D_IN, d_sae=D_SAE)
+
+
+def dead_latents(n_dead: int) -> torch.Tensor:
+    """[D_SAE] bool mask with `n_dead` latents, chosen at random, marked dead."""
+    mask = torch.zeros(D_SAE, dtype=torch.bool)
+    mask[torch.randperm(D_SAE, generator=torch.Generator().manual_seed(4))[:n_dead]] = True
+    return mask
+
+
+# With D_IN 24, AuxK uses k_aux = 12 dead latents: 5 dead latents are fewer
+# than k_aux (all of them used, the loss scaled by 5 / 12), and 48 are more.
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+@pytest.mark.parametrize("n_dead", [0, 5, 48])
+def test_sparse_decoder_matches_dense(inputs, architecture, n_dead):
+    dense_sae = make_sae(architecture)
+    sparse_sae = copy.deepcopy(dense_sae)
+    dead_mask = dead_latents(n_dead)
+
+    dense = dense_sae.training_loss(inputs, dead_mask=dead_mask, sparse_decoder=False)
+    sparse = sparse_sae.training_loss(inputs, dead_mask=dead_mask, sparse_decoder=True)
+    dense.loss.backward()
+    sparse.loss.backward()
+
+    assert set(sparse.losses) == set(dense.losses)
+    for name, value in dense.losses.items():
+        torch.testing.assert_close(sparse.losses[name], value, msg=name)
+    aux = float(dense.losses["auxiliary_reconstruction_loss"].detach())
+    assert aux > 0 if n_dead else aux == 0
+    torch.testing.assert_close(sparse.loss, dense.loss)
+    torch.testing.assert_close(sparse.sae_out, dense.sae_out)
+    torch.testing.assert_close(sparse.hidden_pre, dense.hidden_pre)
+    torch.testing.assert_close(sparse.feature_acts, dense.feature_acts)
+    assert not sparse.feature_acts.requires_grad
+    for name, param in dense_sae.named_parameters():
+        torch.testing.assert_close(dict(sparse_sae.named_parameters())[name].grad, param.grad, msg=name)
+    if architecture == "batchtopk":
+        torch.testing.assert_close(sparse_sae.topk_threshold, dense_sae.topk_threshold)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_sparse_decoder_under_autocast(inputs, architecture):
+    dense_sae = make_sae(architecture)
+    sparse_sae = copy.deepcopy(dense_sae)
+    dead_mask = dead_latents(48)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense = dense_sae.training_loss(inputs, dead_mask=dead_mask, sparse_decoder=False)
+        sparse = sparse_sae.training_loss(inputs, dead_mask=dead_mask, sparse_decoder=True)
+    dense.loss.backward()
+    sparse.loss.backward()
+
+    # The dense decoder multiplies in bfloat16, while the sparse one sums the
+    # float32 rows of W_dec. So the two differ by bfloat16 rounding, a relative
+    # error of up to 2**-8 (about 0.4%) per rounded operand.
+    assert sparse.sae_out.dtype == torch.float32
+    torch.testing.assert_close(sparse.feature_acts, dense.feature_acts)
+    for name, value in dense.losses.items():
+        torch.testing.assert_close(sparse.losses[name], value, rtol=5e-3, atol=1e-5, msg=name)
+    for name, param in dense_sae.named_parameters():
+        sparse_grad = dict(sparse_sae.named_parameters())[name].grad
+        assert sparse_grad.dtype == torch.float32, name
+        relative_error = float((sparse_grad - param.grad).norm() / param.grad.norm())
+        assert relative_error < 2e-2, name
+
+
+def test_sparse_latents_decode_bfloat16_values():
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(D_SAE, D_IN, generator=generator)
+    values = torch.rand(4, 3, generator=generator).to(torch.bfloat16)
+    indices = torch.randint(D_SAE, (4, 3), generator=generator)
+    dense = torch.zeros(4, D_SAE).scatter(-1, indices, values.float())
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        decoded = SparseLatents(indices=indices, values=values).decode(weight)
+
+    assert decoded.dtype == torch.float32
+    torch.testing.assert_close(decoded, dense @ weight)
+
+
+@pytest.mark.parametrize("k", [1.0, 2.0])
+def test_batch_topk_latents_with_empty_token(k):
+    # Token 1 has no positive pre-activation, so with k = 1 it gets no latent. With
+    # k = 2 the six selected entries include three zeros at arbitrary positions,
+    # so any token may own some, and they must decode to nothing.
+    hidden_pre = torch.tensor([[5.0, 4.0, -1.0, -1.0], [-1.0, -2.0, -1.0, -3.0], [-1.0, -1.0, 3.0, -1.0]])
+    weight = torch.randn(4, 5, generator=torch.Generator().manual_seed(5))
+
+    latents, feature_acts = batch_topk_latents(hidden_pre, k)
+
+    expected = batch_topk_activation(hidden_pre, k)
+    torch.testing.assert_close(feature_acts, expected)
+    torch.testing.assert_close(latents.decode(weight), expected @ weight)
+    assert latents.indices.numel() == int(3 * k)
+    assert latents.offsets is not None
+    if k == 1.0:
+        assert latents.offsets.tolist() == [0, 2, 2]
+    else:
+        assert int((latents.values == 0).sum()) == 3

@@ -168,22 +168,27 @@ def test_autocast_training_recovers_dictionary(architecture):
 
 
 class MatmulDtypes(TorchDispatchMode):
-    """Record the input dtype of every matrix multiplication that reaches the kernels."""
+    """Record the input dtype of every matrix multiplication, and the weight dtype
+    of every embedding_bag, that reaches the kernels."""
 
     def __init__(self):
         super().__init__()
         self.dtypes: list[torch.dtype] = []
+        self.embedding_bag_dtypes: list[torch.dtype] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
             self.dtypes.append(args[-2].dtype)
+        if func is torch.ops.aten._embedding_bag.default:
+            self.embedding_bag_dtypes.append(args[0].dtype)
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize(("autocast", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
 def test_autocast_sets_matmul_dtype(autocast, expected):
     sae = SAE.from_config(SAEConfig(architecture="topk", d_in=D_IN, d_sae=D_SAE, k=3))
-    trainer = SAETrainer(sae, TrainerConfig(total_tokens=1024, batch_size=1024, autocast=autocast))
+    cfg = TrainerConfig(total_tokens=1024, batch_size=1024, autocast=autocast, sparse_decoder=False)
+    trainer = SAETrainer(sae, cfg)
     batch = synthetic_batch(1024, seed=5)
     with MatmulDtypes() as recorded:
         trainer.train_step(batch)
@@ -191,4 +196,53 @@ def test_autocast_sets_matmul_dtype(autocast, expected):
     # Encoder and decoder forward, and their weight and input gradients.
     assert len(recorded.dtypes) >= 4
     assert set(recorded.dtypes) == {expected}
+    assert recorded.embedding_bag_dtypes == []
     assert sae.W_enc.dtype == torch.float32
+
+
+@pytest.mark.parametrize(("autocast", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_sparse_decoder_replaces_decoder_matmuls(autocast, expected):
+    sae = SAE.from_config(SAEConfig(architecture="topk", d_in=D_IN, d_sae=D_SAE, k=3))
+    trainer = SAETrainer(sae, TrainerConfig(total_tokens=1024, batch_size=1024, autocast=autocast))
+    batch = synthetic_batch(1024, seed=5)
+    with MatmulDtypes() as recorded:
+        trainer.train_step(batch)
+
+    # Only the encoder runs matmuls: its forward pass, the gradient of W_enc, and
+    # the gradient of its input, which b_dec reaches because it is subtracted from
+    # the input by default. The decoder is one embedding_bag on the float32 W_dec.
+    # No latent is dead on the first step, so AuxK adds no matmul.
+    assert len(recorded.dtypes) == 3
+    assert set(recorded.dtypes) == {expected}
+    assert recorded.embedding_bag_dtypes == [torch.float32]
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_sparse_decoder_steps_match_dense(architecture):
+    def train(sparse_decoder: bool) -> tuple[SAETrainer, list[dict[str, float]]]:
+        sae = SAE.from_config(SAEConfig(architecture=architecture, d_in=D_IN, d_sae=D_SAE, k=2))
+        # A window of one batch: latents that did not fire in the previous step
+        # count as dead, so AuxK can be active from the second step on.
+        cfg = TrainerConfig(
+            total_tokens=6 * 256,
+            batch_size=256,
+            lr=3e-3,
+            log_every_steps=1,
+            dead_latent_window=256,
+            sparse_decoder=sparse_decoder,
+        )
+        logged: list[dict[str, float]] = []
+        trainer = SAETrainer(sae, cfg, report_fn=lambda trainer, report: logged.append(report.metrics))
+        trainer.fit(synthetic_stream(seed=4))
+        return trainer, logged
+
+    dense, dense_logged = train(sparse_decoder=False)
+    sparse, sparse_logged = train(sparse_decoder=True)
+
+    assert sparse.step == dense.step == 6
+    assert any(metrics["auxiliary_reconstruction_loss"] > 0 for metrics in dense_logged)
+    for sparse_metrics, dense_metrics in zip(sparse_logged, dense_logged, strict=True):
+        for name in ("loss", "mse_loss", "auxiliary_reconstruction_loss", "l0", "dead_latents_frac"):
+            assert sparse_metrics[name] == pytest.approx(dense_metrics[name], rel=1e-4, abs=1e-6), name
+    for name, tensor in dense.sae.state_dict().items():
+        torch.testing.assert_close(sparse.sae.state_dict()[name], tensor, rtol=1e-4, atol=1e-6, msg=name)

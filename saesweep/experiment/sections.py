@@ -184,6 +184,14 @@ class TrainingSection:
     """Train under bfloat16 autocast: the SAE's matmuls run in bfloat16, while its
     weights, the optimizer state and the held-out evaluation stay in sae.dtype. It
     pays on GPUs and on CPUs with bfloat16 matrix units; see BENCHMARKS.md."""
+    sparse_decoder: bool = True
+    """Train topk and batchtopk SAEs without multiplying the dense [batch, d_sae]
+    latents by W_dec: the reconstruction sums only the W_dec rows of the selected
+    latents (torch embedding_bag), and AuxK multiplies only the dead latents'
+    columns. Losses and gradients match the dense decoder up to float rounding.
+    Other architectures ignore it. Turn it off where dense matmuls beat the row
+    gather, which may be the case on a GPU (measured so far on CPUs only). The
+    dense-decoder lever of benchmarks/trial_overhead.py measures both ways."""
     eval_tokens: int = 100_000
     """Held-out activation vectors used for the final evaluation of each SAE, or 0 to
     skip the evaluation."""

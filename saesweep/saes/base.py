@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from saesweep.saes.config import SAEConfig
@@ -39,6 +40,41 @@ class TrainingOutput:
     """[N, d_sae] encoder pre-activations."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Architecture-specific values worth logging (e.g. the batchtopk threshold)."""
+
+
+@dataclass
+class SparseLatents:
+    """The selected latents of N tokens in the input form of `F.embedding_bag`.
+
+    Without `offsets`, `indices` and `values` are [N, k]: k latents per token.
+    With `offsets` [N], they are flat [M], and token i owns the entries from
+    offsets[i] up to offsets[i + 1] (the last token up to M), so a token may
+    own none. `values` are activations after ReLU and may contain zeros.
+    """
+
+    indices: torch.Tensor
+    """Latent indices into the rows of W_dec (int64)."""
+    values: torch.Tensor
+    """Latent activations, the same shape as `indices`."""
+    offsets: torch.Tensor | None = None
+    """[N] start of each token's entries in the flat form; None for [N, k]."""
+
+    def decode(self, weight: torch.Tensor) -> torch.Tensor:
+        """Return [N, d_in] sums of the rows of `weight` [d_sae, d_in] weighted by `values`.
+
+        This computes what a dense [N, d_sae] latent matrix times `weight` computes,
+        but reads only the selected rows. embedding_bag rejects per_sample_weights
+        whose dtype differs from the weight's, and latents computed in bfloat16
+        under autocast would differ from a float32 W_dec. So the values are cast
+        to the weight's dtype, and the sum runs in it even under autocast.
+        """
+        return F.embedding_bag(
+            self.indices,
+            weight,
+            self.offsets,
+            mode="sum",
+            per_sample_weights=self.values.to(weight.dtype),
+        )
 
 
 class SAE(nn.Module):
@@ -165,12 +201,22 @@ class SAE(nn.Module):
         hidden_pre = self.hidden_pre(x)
         return self.activation(hidden_pre), hidden_pre
 
+    def encode_sparse_for_training(
+        self, x: torch.Tensor
+    ) -> tuple[SparseLatents, torch.Tensor, torch.Tensor] | None:
+        """[N, d_in] -> (latents, feature_acts [N, d_sae], hidden_pre [N, d_sae])
+        with the training-time activation, or None where the latents are not
+        k-sparse (the default). `feature_acts` is detached, because the losses
+        of a k-sparse architecture read the latents only through `latents`."""
+        return None
+
     def training_loss(
         self,
         x: torch.Tensor,
         *,
         dead_mask: torch.Tensor | None = None,
         sparsity_scale: float = 1.0,
+        sparse_decoder: bool = True,
     ) -> TrainingOutput:
         """Compute the training loss terms on `x` [..., d_in].
 
@@ -178,12 +224,22 @@ class SAE(nn.Module):
         averaged over tokens, in the normalized space. `dead_mask` [d_sae] marks
         latents that have not fired in the dead-latent window (used by AuxK and
         the jumprelu pre-activation loss). `sparsity_scale` multiplies the
-        sparsity penalty (for warm-up).
+        sparsity penalty (for warm-up). With `sparse_decoder`, architectures
+        with k-sparse latents (topk, batchtopk) never multiply the dense
+        [N, d_sae] latents by W_dec. The reconstruction reads only the selected
+        latents' rows of W_dec, and AuxK only the dead latents' rows, in the
+        forward and the backward pass. The loss and the gradients are the same
+        up to float rounding. Other architectures ignore it.
         """
         x = x.reshape(-1, self.cfg.d_in).to(self.dtype)
-        feature_acts, hidden_pre = self.encode_for_training(x)
+        sparse = self.encode_sparse_for_training(x) if sparse_decoder else None
+        if sparse is None:
+            feature_acts, hidden_pre = self.encode_for_training(x)
+            out_scaled = self.decode_scaled(feature_acts)
+        else:
+            latents, feature_acts, hidden_pre = sparse
+            out_scaled = latents.decode(self.W_dec) + self.b_dec
         x_scaled = x * self._scale()
-        out_scaled = self.decode_scaled(feature_acts)
         losses = {"mse_loss": (out_scaled - x_scaled).pow(2).sum(dim=-1).mean()}
         losses.update(
             self.auxiliary_losses(
@@ -193,6 +249,7 @@ class SAE(nn.Module):
                 hidden_pre=hidden_pre,
                 dead_mask=dead_mask,
                 sparsity_scale=sparsity_scale,
+                sparse_decoder=sparse is not None,
             )
         )
         loss = torch.stack(list(losses.values())).sum()
@@ -216,8 +273,11 @@ class SAE(nn.Module):
         hidden_pre: torch.Tensor,
         dead_mask: torch.Tensor | None,
         sparsity_scale: float,
+        sparse_decoder: bool,
     ) -> dict[str, torch.Tensor]:
-        """Architecture-specific loss terms (sparsity penalty, auxiliary losses)."""
+        """Architecture-specific loss terms (sparsity penalty, auxiliary losses).
+        `sparse_decoder` is True when `encode_sparse_for_training` produced the
+        latents, so `feature_acts` is detached."""
         raise NotImplementedError
 
     def after_training_forward(self, output: TrainingOutput) -> None:

@@ -6,18 +6,40 @@ from typing import Any
 
 import torch
 
-from saesweep.saes.base import SAE, TrainingOutput
+from saesweep.saes.base import SAE, SparseLatents, TrainingOutput
 from saesweep.saes.registry import register_architecture
 from saesweep.saes.topk import auxk_loss
 
 
+def _batch_topk_flat(hidden_pre: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (values, positions) of the k * n_tokens largest ReLU activations
+    of [..., d_sae], positions indexing the flattened tensor."""
+    flat = torch.relu(hidden_pre).flatten()
+    n_keep = min(flat.numel(), max(1, int(k * hidden_pre.shape[:-1].numel())))
+    return torch.topk(flat, n_keep, sorted=False)
+
+
 def batch_topk_activation(hidden_pre: torch.Tensor, k: float) -> torch.Tensor:
     """Keep the k * n_tokens largest ReLU activations of the whole [n_tokens, d_sae] batch."""
-    acts = torch.relu(hidden_pre)
-    flat = acts.flatten()
-    n_keep = min(flat.numel(), max(1, int(k * acts.shape[:-1].numel())))
-    values, indices = torch.topk(flat, n_keep, sorted=False)
-    return torch.zeros_like(flat).scatter(-1, indices, values).reshape(acts.shape)
+    values, positions = _batch_topk_flat(hidden_pre, k)
+    flat = torch.zeros_like(hidden_pre).flatten().scatter(0, positions, values)
+    return flat.reshape(hidden_pre.shape)
+
+
+def batch_topk_latents(hidden_pre: torch.Tensor, k: float) -> tuple[SparseLatents, torch.Tensor]:
+    """Select what `batch_topk_activation` keeps of [N, d_sae] and return it as
+    (flat latents with per-token offsets, detached dense [N, d_sae] activations)."""
+    n_tokens, d_sae = hidden_pre.shape
+    values, positions = _batch_topk_flat(hidden_pre, k)
+    # embedding_bag reads each token's latents as one contiguous run. A flat
+    # position is token * d_sae + latent, so sorting positions groups them by token.
+    positions, order = positions.sort()
+    values = values[order]
+    tokens = torch.div(positions, d_sae, rounding_mode="floor")
+    counts = torch.bincount(tokens, minlength=n_tokens)
+    latents = SparseLatents(indices=positions - tokens * d_sae, values=values, offsets=counts.cumsum(0) - counts)
+    flat = torch.zeros_like(hidden_pre).flatten().scatter(0, positions, values.detach())
+    return latents, flat.reshape(n_tokens, d_sae)
 
 
 @register_architecture
@@ -43,10 +65,24 @@ class BatchTopKSAE(SAE):
         hidden_pre = self.hidden_pre(x)
         return batch_topk_activation(hidden_pre, self.cfg.k), hidden_pre
 
+    def encode_sparse_for_training(
+        self, x: torch.Tensor
+    ) -> tuple[SparseLatents, torch.Tensor, torch.Tensor]:
+        hidden_pre = self.hidden_pre(x)
+        latents, feature_acts = batch_topk_latents(hidden_pre, self.cfg.k)
+        return latents, feature_acts, hidden_pre
+
     def auxiliary_losses(
-        self, *, x_scaled, out_scaled, hidden_pre, dead_mask, **_
+        self, *, x_scaled, out_scaled, hidden_pre, dead_mask, sparse_decoder, **_
     ) -> dict[str, torch.Tensor]:
-        aux = auxk_loss(self, x_scaled=x_scaled, out_scaled=out_scaled, hidden_pre=hidden_pre, dead_mask=dead_mask)
+        aux = auxk_loss(
+            self,
+            x_scaled=x_scaled,
+            out_scaled=out_scaled,
+            hidden_pre=hidden_pre,
+            dead_mask=dead_mask,
+            sparse_decoder=sparse_decoder,
+        )
         return {"auxiliary_reconstruction_loss": aux}
 
     @torch.no_grad()

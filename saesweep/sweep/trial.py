@@ -73,6 +73,7 @@ def trainer_config(exp: ExperimentConfig) -> TrainerConfig:
         log_every_steps=training.log_every_steps,
         checkpoint_every_steps=training.checkpoint_every_steps,
         autocast=training.autocast,
+        sparse_decoder=training.sparse_decoder,
     )
 
 

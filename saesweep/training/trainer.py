@@ -61,6 +61,10 @@ class TrainerConfig:
     autocast: bool = False
     """Run the SAE's forward and backward passes under bfloat16 autocast. The
     weights, the optimizer state and the metrics stay in the SAE's dtype."""
+    sparse_decoder: bool = True
+    """Passed to `SAE.training_loss`: topk and batchtopk SAEs then decode from the
+    selected latents' rows of W_dec instead of a dense [batch, d_sae] matmul.
+    Other architectures ignore it."""
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -185,7 +189,10 @@ class SAETrainer:
         # forward and losses
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast):
             output = self.sae.training_loss(
-                x, dead_mask=self.firing.dead_mask().to(x.device), sparsity_scale=self.sparsity_scale()
+                x,
+                dead_mask=self.firing.dead_mask().to(x.device),
+                sparsity_scale=self.sparsity_scale(),
+                sparse_decoder=self.cfg.sparse_decoder,
             )
         if not torch.isfinite(output.loss):
             terms = {name: float(value.detach()) for name, value in output.losses.items()}
