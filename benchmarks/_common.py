@@ -9,11 +9,14 @@ FLOP counts (one multiply-add counts as 2 FLOPs):
   embedding lookup are left out. A pass to ``blocks.L.hook_resid_pre`` runs L blocks, and a
   pass to any other hook of block L runs L + 1 (an upper bound for ``hook_resid_mid`` and
   ``hook_attn_out``).
-- SAE training step, per token: ``6 * 2 * d_in * d_sae``. The forward pass has two matmuls
-  (encoder and decoder) of ``2 * d_in * d_sae`` each. The backward pass costs twice the
-  forward, because it computes the gradient of each weight and of each matmul's input. The
-  encoder's input needs one too, since the decoder bias is subtracted from it. Element-wise
-  work, top-k selection, the AuxK loss and the optimizer are left out.
+- SAE training step, per token, with a dense decoder: ``6 * 2 * d_in * d_sae``. The forward
+  pass has two matmuls (encoder and decoder) of ``2 * d_in * d_sae`` each. The backward pass
+  costs twice the forward, because it computes the gradient of each weight and of each
+  matmul's input. The encoder's input needs one too, since the decoder bias is subtracted
+  from it. Topk SAEs train with the sparse decoder (``training.sparse_decoder``), which
+  reads only the k selected rows of W_dec: ``3 * 2 * d_in * d_sae`` for the encoder's three
+  matmuls plus ``3 * 2 * k * d_in`` for the decoder's forward pass and its two gradients.
+  Element-wise work, top-k selection, the AuxK loss and the optimizer are left out.
 - Useful FLOPs of a job are the FLOPs it needs: per SAE, its training tokens' share of
   the forward passes (``context_size / (context_size - 1)`` positions run per served token,
   since position 0 is not served) and its SAE steps. Forward passes that a server runs
@@ -173,9 +176,23 @@ def model_flops(model: str, *, random_weights: bool = False) -> ModelFlops:
     )
 
 
-def sae_training_flops_per_token(d_in: int, d_sae: int) -> float:
-    """Return the FLOPs of one SAE training step per token (see the module docstring)."""
+def sae_training_flops_per_token(
+    d_in: int, d_sae: int, architecture: str = "standard", sparse_decoder: bool = True
+) -> float:
+    """Return the FLOPs of one SAE training step per token (see the module docstring).
+
+    A topk SAE with the sparse decoder keeps ``k`` latents per token, the value in
+    ``ARCHITECTURE_COEFFICIENTS``.
+    """
+    if architecture == "topk" and sparse_decoder:
+        k = ARCHITECTURE_COEFFICIENTS["topk"][1]
+        return 3 * 2 * d_in * d_sae + 3 * 2 * k * d_in
     return 6 * 2 * d_in * d_sae
+
+
+def mean_sae_training_flops_per_token(d_in: int, d_sae: int, architectures: list[str]) -> float:
+    """Return the mean of ``sae_training_flops_per_token`` over one SAE of each architecture."""
+    return sum(sae_training_flops_per_token(d_in, d_sae, name) for name in architectures) / len(architectures)
 
 
 # -- resource sampling -------------------------------------------------------------------------

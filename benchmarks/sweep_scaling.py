@@ -145,7 +145,7 @@ def measure(settings: Settings, data: dict[str, Any], trials: int, expansion_fac
     run = _common.run_shared_sweep(parse_experiment(data))
     d_in = model_info("smollm2-135m").d_model
     forward = _common.model_flops("smollm2-135m").to_hookpoint(settings.hookpoint, settings.context_size)
-    sae = _common.sae_training_flops_per_token(d_in, d_in * expansion_factor)
+    sae = _common.sae_training_flops_per_token(d_in, d_in * expansion_factor, "topk")
     needed = _common.shared_sweep_useful_flops(
         tokens_per_trial=settings.tokens_per_trial,
         n_trials=trials,

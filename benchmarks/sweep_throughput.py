@@ -414,7 +414,9 @@ def flop_accounting(settings: Settings, results: dict[str, Any]) -> dict[str, An
     """Return each way's useful FLOPs, the ideal ratio of (b) to (a), and the utilizations."""
     flops = _common.model_flops("smollm2-135m")
     d_in = model_info("smollm2-135m").d_model
-    sae_per_token = _common.sae_training_flops_per_token(d_in, d_in * settings.expansion_factor)
+    sae_per_token = _common.mean_sae_training_flops_per_token(
+        d_in, d_in * settings.expansion_factor, settings.architectures
+    )
     configs = configs_of(settings)
     deepest = max(settings.hookpoints, key=_common.blocks_run)
     shared = _common.shared_sweep_useful_flops(

@@ -149,7 +149,9 @@ def useful_flops(settings: Settings, run: dict[str, Any]) -> dict[str, float]:
         tokens_per_trial=settings.tokens_per_sae,
         n_trials=len(settings.hookpoints) * len(settings.architectures),
         forward_flops_per_token=flops.to_hookpoint(deepest, settings.context_size),
-        sae_flops_per_token=_common.sae_training_flops_per_token(d_in, d_in * settings.expansion_factor),
+        sae_flops_per_token=_common.mean_sae_training_flops_per_token(
+            d_in, d_in * settings.expansion_factor, settings.architectures
+        ),
         context_size=settings.context_size,
     )
     return {"total": needed["total"], "steady_per_s": run["steady_tokens_per_s"] * needed["per_trained_token"]}
