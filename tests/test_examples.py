@@ -35,5 +35,5 @@ def test_example_smoke_run(tmp_path, experiment, overrides):
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-4000:]
     assert "2 trials done, 0 failed" in completed.stdout, completed.stdout[-2000:]
-    assert list(tmp_path.glob("tune/*-smoke/run_trial_*/checkpoint_*/sae/cfg.json"))
+    assert list(tmp_path.glob("tune/*-smoke/*/checkpoint_*/**/sae/cfg.json"))
     assert not (tmp_path / "mlruns").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import sae_lens
@@ -292,6 +293,8 @@ def test_packed_trial_trains_each_sae_and_fails_the_diverging_one_alone(packed_s
         assert 0.0 < trial.metrics["heldout_explained_variance"] <= 1.0
     topk = next(t for t in done if t.config["architecture"] == "topk")
     assert topk.metrics["heldout_l0"] == pytest.approx(16.0)
+    (folder,) = (path.name for path in Path(result.tune_path).iterdir() if path.is_dir())
+    assert folder == f"pack_{trial_ids.pop()}"
     # One trial reads the stream once for all of its SAEs.
     assert result.lm_forward_tokens < 6144 + 8 * 64 * 8
     assert result.tokens_trained == 2 * 6144

@@ -351,9 +351,9 @@ def build_tune_config(exp: ExperimentConfig) -> tune.TuneConfig:
 
 
 def pack_dirname(trial: Any) -> str:
-    """Folder name of a trial that trains several SAEs: its id and hookpoint (Tune's
-    default would spell out every member config)."""
-    return f"pack_{trial.trial_id}_{trial.config['hookpoint']}"
+    """Folder name of a trial that trains several SAEs. Tune's default would spell
+    out every member config, and the config is not resolved yet when Tune asks."""
+    return f"pack_{trial.trial_id}"
 
 
 def trial_sae_config(
