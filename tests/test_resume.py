@@ -75,3 +75,8 @@ def test_resume_after_driver_killed(tmp_path):
     assert _finished(after) == set(after)
     for name in finished_before:
         assert after[name] == before[name], f"finished trial {name} ran again"
+    # One trial ran at a time, so no forward token fed two trials: the forward
+    # tokens of both runs of the driver must cover every trained token.
+    summary = json.loads((tune_path / "summary.json").read_text())
+    assert summary["tokens_trained"] == 4 * 6144
+    assert summary["sharing_ratio"] <= 1.0

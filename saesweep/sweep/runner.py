@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,49 @@ from saesweep.tracking.settings import enable_sqlite_wal, redact, tracking_setti
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILENAME = "summary.json"
+FORWARD_TOKENS_FILENAME = "forward_tokens.json"
+
+
+class ForwardTokenLog:
+    """Keep the sweep's model forward tokens so far in its Tune folder.
+
+    Servers count forward tokens from 0 in each run of the driver, so a resumed
+    sweep adds the count that earlier runs left here. A thread of the driver reads
+    the servers' counters every `interval_s` seconds, so a crash loses at most the
+    tokens of one interval.
+    """
+
+    def __init__(self, handles: list[Any], tune_path: Path, resume: bool, interval_s: float = 2.0):
+        self.handles = handles
+        self.path = tune_path / FORWARD_TOKENS_FILENAME
+        self.earlier = 0
+        if resume and self.path.is_file():
+            self.earlier = int(json.loads(self.path.read_text())["lm_forward_tokens"])
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="forward-token-log", daemon=True)
+
+    def total(self, current: int) -> int:
+        """Forward tokens of the whole sweep, given the count of this run's servers."""
+        return self.earlier + current
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                stats = ray.get([handle.stats.remote() for handle in self.handles], timeout=30)
+            except (ray.exceptions.RayError, TimeoutError) as error:
+                logger.debug("activation server counters unavailable: %s", error)
+                continue
+            current = sum(int(s["lm_forward_tokens"]) for s in stats)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"lm_forward_tokens": self.total(current)}))
 
 
 @dataclass
@@ -321,8 +365,11 @@ def run_sweep(
     else:
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=build_tune_config(exp), run_config=run_config)
     n_train_servers = len(set(routes.train.values()))
+    forward_log = ForwardTokenLog(handles[:n_train_servers], tune_path, resume=resume)
+    forward_log.start()
     try:
         results = tuner.fit()
+        forward_log.stop()
         train_stats = [_server_stats(handle) for handle in handles[:n_train_servers]]
         for handle in handles[:n_train_servers]:
             ray.kill(handle)
@@ -330,7 +377,7 @@ def run_sweep(
             experiment=exp.name,
             tune_path=str(tune_path),
             trials=_outcomes(results),
-            lm_forward_tokens=int(sum(s["lm_forward_tokens"] for s in train_stats)),
+            lm_forward_tokens=forward_log.total(int(sum(s["lm_forward_tokens"] for s in train_stats))),
             wall_time_s=time.time() - started,
             server_stats=train_stats,
             champions={},
@@ -340,6 +387,7 @@ def run_sweep(
         if exp.training.ce_eval_tokens > 0 and exp.training.ce_eval_trials == "champions":
             _score_champions_spliced(result.champions, routes, tracker)
     finally:
+        forward_log.stop()
         for handle in handles:
             ray.kill(handle)
         for group in slots:
