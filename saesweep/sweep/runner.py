@@ -252,7 +252,7 @@ def _archive_finished_sweep(tune_path: Path, name: str) -> None:
 
 
 def _outcomes(results: tune.ResultGrid) -> list[TrialOutcome]:
-    """One outcome per SAE: per trial, or per member of a trial that trained several."""
+    """Return one outcome per SAE: per trial, or per member of a trial that trained several."""
     outcomes = []
     for result in results:
         metrics = dict(result.metrics or {})
@@ -277,7 +277,7 @@ def _outcomes(results: tune.ResultGrid) -> list[TrialOutcome]:
 def _member_outcomes(
     trial_id: str, config: dict[str, Any], metrics: dict[str, Any], error: str | None, folder: Path | None
 ) -> list[TrialOutcome]:
-    """The outcomes of the SAEs of one trial that trained several, from its final
+    """Return the outcomes of the SAEs of a trial that trained several, from its final
     checkpoint's members.json, or from its last result when it did not finish."""
     record: dict[str, Any] = {}
     if folder is not None and (folder / MEMBERS_FILENAME).is_file():

@@ -185,8 +185,8 @@ class TrialState:
                 self.mark_failed(index, error)
 
     def result(self) -> dict[str, Any]:
-        """The Tune result: the SAE's metrics, or for several SAEs each one's under
-        `members` and the best value of the sweep's metric at the top level."""
+        """Return the Tune result: the SAE's metrics, or for several SAEs each one's
+        under `members` and the best value of the sweep's metric at the top level."""
         lead = next(m.trainer for i, m in enumerate(self.members) if i not in self.failed)
         progress = {"step": lead.step, "tokens_trained": float(lead.tokens_trained)}
         if not self.packed:
