@@ -25,7 +25,7 @@ def trainer(architecture: str = "topk", seed: int = 0, **sae_options) -> SAETrai
     return SAETrainer(sae, cfg)
 
 
-def test_each_sae_trains_as_it_would_alone():
+def test_packed_sae_trains_as_alone():
     data = batches(8)
     together = [trainer("topk", seed=1), trainer("standard", seed=2)]
     reports = []
@@ -39,13 +39,13 @@ def test_each_sae_trains_as_it_would_alone():
         assert joint.tokens_trained == single.tokens_trained == 256 * 6
         for name, tensor in single.sae.state_dict().items():
             torch.testing.assert_close(joint.sae.state_dict()[name], tensor, msg=name)
-    # Steps 2 and 4 log; the final report closes the run. Each report covers both SAEs.
+    # Steps 2 and 4 log, and the final report closes the run. Each report covers both SAEs.
     assert [[index for index, _, _ in group] for group in reports] == [[0, 1]] * 3
     assert reports[-1][0][2].final
     assert reports[0][1][2].metrics["l0"] > 0
 
 
-def test_diverging_sae_drops_out_and_the_others_finish():
+def test_diverging_sae_fails_alone():
     group = [trainer("standard", seed=1), trainer("standard", seed=2, l1_coefficient=1e40)]
     failed = fit_together(group, iter(batches(8)))
 
@@ -55,7 +55,7 @@ def test_diverging_sae_drops_out_and_the_others_finish():
     assert group[1].step == 0
 
 
-def test_group_of_one_and_group_of_failures_raise():
+def test_all_failed_group_raises():
     with pytest.raises(TrainingDivergedError, match="lower the learning rate"):
         fit_together([trainer("standard", l1_coefficient=1e40)], iter(batches(4)))
     doomed = [trainer("standard", seed=seed, l1_coefficient=1e40) for seed in (1, 2)]
@@ -63,7 +63,7 @@ def test_group_of_one_and_group_of_failures_raise():
         fit_together(doomed, iter(batches(4)))
 
 
-def test_trainers_must_share_their_schedule():
+def test_schedules_must_match():
     first, second = trainer(), trainer()
     second.cfg.batch_size = 128
     with pytest.raises(ValueError, match="must share batch_size: got 256 and 128"):
@@ -75,7 +75,7 @@ def _state(trainers: list[SAETrainer]) -> TrialState:
     return TrialState(members, packed=True, metric="explained_variance", mode="max")
 
 
-def test_checkpoint_restores_every_sae_and_each_failure(tmp_path):
+def test_checkpoint_restores_saes_and_failures(tmp_path):
     data = batches(8)
     first = _state([trainer("topk", seed=1), trainer("standard", seed=2, l1_coefficient=1e40), trainer("standard", seed=3)])
     fit_together([m.trainer for m in first.members], iter(data[:3]), failed=first.failed)
@@ -101,7 +101,7 @@ def test_checkpoint_restores_every_sae_and_each_failure(tmp_path):
         torch.testing.assert_close(second.members[0].trainer.sae.state_dict()[name], tensor, msg=name)
 
 
-def test_result_reports_each_sae_and_the_best_metric():
+def test_result_has_members_and_best():
     state = _state([trainer("topk", seed=1), trainer("standard", seed=2), trainer("standard", seed=3)])
     for member, value in zip(state.members, (0.5, 0.8, 0.6)):
         member.metrics.update(explained_variance=value, tokens_per_second=100.0)
