@@ -344,7 +344,7 @@ def test_packs_hold_every_grid_config_once(saes_per_trial):
     assert len(trials) == 2 * -(-12 // saes_per_trial)
 
 
-def test_random_packs_are_seeded_and_sample_num_samples_times():
+def test_random_packs_seeded_and_resampled():
     changes = {
         "tune": {"search_alg": "random", "saes_per_trial": 4, "seed": 7},
         "search": {"num_samples": 3, "l1_coefficient": {"loguniform": [0.1, 10.0]}, "k": [16]},

@@ -277,7 +277,7 @@ def packed_sweep(ray_session, tmp_path_factory):
     return exp, run_sweep(exp, write=lines.append), lines
 
 
-def test_packed_trial_trains_each_sae_and_fails_the_diverging_one_alone(packed_sweep):
+def test_packed_trial_isolates_diverging_sae(packed_sweep):
     _, result, _ = packed_sweep
     assert len(result.trials) == 3
     trial_ids = {t.trial_id.rsplit("-", 1)[0] for t in result.trials}
@@ -314,7 +314,7 @@ def test_packed_saes_load_in_saelens_and_differ(packed_sweep):
     assert not torch.allclose(outputs[0], outputs[1])
 
 
-def test_packed_saes_have_their_own_mlflow_runs_and_champion(packed_sweep):
+def test_packed_saes_own_mlflow_runs(packed_sweep):
     exp, result, _ = packed_sweep
     client = _mlflow_client(exp)
     experiment = client.get_experiment_by_name("packed")
@@ -330,7 +330,8 @@ def test_packed_saes_have_their_own_mlflow_runs_and_champion(packed_sweep):
                 trial.metrics["heldout_explained_variance"]
             )
             steps = [m.step for m in client.get_metric_history(run.info.run_id, "l0")]
-            assert steps == sorted(set(steps)) and len(steps) >= 2
+            assert steps == sorted(set(steps))
+            assert len(steps) >= 2
         else:
             assert "TrainingDivergedError" in run.data.tags["saesweep.error"]
     (champion,) = result.champions.values()

@@ -67,7 +67,7 @@ def build_param_space(exp: ExperimentConfig) -> dict[str, Any]:
 
 
 def _sae_param_space(exp: ExperimentConfig) -> dict[str, Any]:
-    """The param_space of a sweep with one SAE per trial (grid and random search)."""
+    """Return the param_space of a sweep with one SAE per trial (grid and random search)."""
     search = exp.search
     # One grid entry per architecture, each with only its own coefficient, so
     # Tune crosses a coefficient's values only with its architecture. Tune expands
@@ -112,7 +112,7 @@ def build_packs(exp: ExperimentConfig) -> list[dict[str, Any]]:
 
 
 def sae_configs(exp: ExperimentConfig) -> list[dict[str, Any]]:
-    """Every SAE config of a grid or random sweep, in the format of Tune's trial configs.
+    """Return every SAE config of a grid or random sweep, in the format of Tune's trial configs.
 
     Grid lists are enumerated. In random search, each of search.num_samples rounds
     draws every other value anew for each combination of the grid values before
@@ -141,7 +141,7 @@ def sae_configs(exp: ExperimentConfig) -> list[dict[str, Any]]:
 
 
 def _values_of_one_round(value: SearchValue, rng: np.random.Generator) -> list[Any]:
-    """Every value of a grid list, or one draw of a choice or log-uniform range
+    """Return every value of a grid list, or one draw of a choice or log-uniform range
     (whose upper bound is included)."""
     values = list(value.values)
     if value.kind == GRID:
@@ -156,7 +156,7 @@ def _values_of_one_round(value: SearchValue, rng: np.random.Generator) -> list[A
 
 
 def trial_members(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """The SAE configs that a trial with Tune config `config` trains."""
+    """Return the SAE configs that a trial with Tune config `config` trains."""
     if PACK_KEY in config:
         return list(config[PACK_KEY]["members"])
     return [config]
@@ -351,8 +351,8 @@ def build_tune_config(exp: ExperimentConfig) -> tune.TuneConfig:
 
 
 def pack_dirname(trial: Any) -> str:
-    """Folder name of a trial that trains several SAEs. Tune's default would spell
-    out every member config, and the config is not resolved yet when Tune asks."""
+    """Return the folder name of a trial that trains several SAEs. Tune's default would spell
+    out every member config, and Tune creates the folder before it resolves the config."""
     return f"pack_{trial.trial_id}"
 
 
