@@ -30,6 +30,7 @@ Ray runs locally on 127.0.0.1. No network is needed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import os
@@ -145,6 +146,9 @@ def build_experiment(
         log_every_steps=settings.log_every_steps,
         # Each trial gets one torch thread: 0.1 CPU when it trains one SAE, 0.25 when it trains several.
         trial_cpus=0.1 if saes_per_trial == 1 else 0.25,
+        # The server runs the forward pass on every core; trials run at a lower priority
+        # (tune.trial_nice), so they take the cores the server leaves.
+        server_cpus=settings.threads,
         saes_per_trial=saes_per_trial,
     )
     return data, parse_experiment(data)
@@ -229,25 +233,24 @@ def train_in_process(
     """Train one SAE on activations computed for it alone; return its time and rates.
 
     As the server does, the normalization scale is estimated on the first batches of the
-    token stream, and training reads the stream again from its start.
+    token stream, and training reads the stream from its start, reusing those batches.
     """
     hookpoint = config["hookpoint"]
     started = time.perf_counter()
     d_in = info.hook_d_in(hookpoint)
     forward_before = counter.tokens
+    chunks = _common.served_chunks(bridge, token_batches, hookpoint, counter)
+    estimate_chunks: list[torch.Tensor] = []
     norm_scale = _common.estimate_norm_scale(
-        _common.served_chunks(bridge, token_batches, hookpoint, counter),
-        d_in,
-        exp.servers.normalization_tokens,
+        _common.recorded(chunks, estimate_chunks), d_in, exp.servers.normalization_tokens
     )
     sae = SAE.from_config(trial_sae_config(exp, config, d_in=d_in, prepend_bos=info.prepend_bos))
     sae.activation_norm_scale = norm_scale
     clock = _common.ReportClock()
     trainer = SAETrainer(sae, trainer_config(exp), report_fn=clock)
-    chunks = _common.served_chunks(bridge, token_batches, hookpoint, counter)
     trainer.fit(
         _common.shuffled_batches(
-            chunks,
+            itertools.chain(estimate_chunks, chunks),
             exp.training.batch_size_tokens,
             exp.servers.shuffle_buffer_tokens,
             exp.training.seed,

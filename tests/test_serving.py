@@ -412,6 +412,45 @@ def test_served_activations_equal_direct_forward(server, local_models):
 
 
 @pytest.mark.slow
+def test_estimate_batches_are_served_without_running_again(ray_session, local_models):
+    config = server_config(seed=2)
+    estimate = reference_activations(local_models(), config, list(range(8)))
+    served_so_far = 0
+    estimate_batches = 0
+    while served_so_far < config.norm_estimate_tokens:
+        served_so_far += estimate[HOOK_A][estimate_batches].shape[0]
+        estimate_batches += 1
+    assert estimate_batches >= 3
+
+    def batch_bytes(seq: int) -> int:
+        return sum(estimate[hookpoint][seq].numel() * 4 for hookpoint in config.hookpoints)
+
+    # Room for the first two batches of the estimate only: the rest run forward again.
+    config = server_config(seed=2, norm_estimate_keep_bytes=batch_bytes(0) + batch_bytes(1))
+    positions = config.sequences_per_batch * config.context_size
+    handle = start_server(config, max_restarts=0)
+    try:
+        with ActivationClient(handle, HOOK_A, batch_size=64, shuffle_buffer_tokens=0) as client:
+            assert client.norm_scale == pytest.approx(
+                D_MODEL**0.5 / torch.cat([estimate[HOOK_A][seq] for seq in range(estimate_batches)])
+                .double().norm(dim=-1).mean().item(),
+                rel=1e-4,
+            )
+            delivered = [next(client) for _ in range(8 * estimate_batches)]
+        stats = ray.get(handle.stats.remote())
+    finally:
+        ray.kill(handle)
+
+    assert stats["reused_estimate_batches"] == 2
+    assert stats["norm_estimate_forward_tokens"] == (estimate_batches - 2) * positions
+    assert stats["lm_forward_tokens"] == stats["next_seq"] * positions
+    served = delivered_by_seq(client, delivered)
+    assert set(range(estimate_batches + 1)) <= set(served)
+    for seq in range(estimate_batches + 1):
+        torch.testing.assert_close(served[seq], estimate[HOOK_A][seq])
+
+
+@pytest.mark.slow
 def test_late_subscriber_joins_stream(server, local_models):
     early = ActivationClient(server, HOOK_A, batch_size=100, shuffle_buffer_tokens=0)
     early_reader = Readers([(early, 60)], close=True)

@@ -72,6 +72,10 @@ class ServerConfig:
     """Maximum batches held per hookpoint. The producer waits when the slowest subscriber is this far behind."""
     norm_estimate_tokens: int = 8192
     """Served tokens used to estimate each hookpoint's normalization scale."""
+    norm_estimate_keep_bytes: int = 1 << 30
+    """Largest size of the estimate's activations that the server keeps to serve as the
+    stream's first batches instead of running them forward again. Batches beyond it
+    run forward again when served."""
     subscriber_timeout_s: float = 600.0
     """A subscriber that has not polled for this many seconds is removed so it cannot stall the stream."""
     torch_threads: int | None = None
@@ -93,6 +97,11 @@ class ServerConfig:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"ServerConfig.{name}={value} is invalid. Set it to 1 or more.")
+        if self.norm_estimate_keep_bytes < 0:
+            raise ValueError(
+                f"ServerConfig.norm_estimate_keep_bytes={self.norm_estimate_keep_bytes} is invalid. "
+                "Set it to 0 to run every batch forward when served, or to a number of bytes."
+            )
         if self.subscriber_timeout_s <= 0:
             raise ValueError(
                 f"ServerConfig.subscriber_timeout_s={self.subscriber_timeout_s} is invalid. "
@@ -125,12 +134,17 @@ def open_token_stream(config: ServerConfig, tokenizer, policy: TokenPolicy) -> T
 
 
 def _served_array(activations: torch.Tensor, keep: torch.Tensor) -> np.ndarray:
-    """Return the served positions of ``activations`` [n_seq, n_pos, d_in] as a [n_tokens, d_in] array.
+    """Return the served positions of ``activations`` [n_seq, n_pos, d_in] as a [n_tokens, d_in] array."""
+    return _as_array(activations[keep.to(activations.device)])
+
+
+def _as_array(served: torch.Tensor) -> np.ndarray:
+    """Return served activations [n_tokens, d_in] as a numpy array in main memory.
 
     numpy has no bfloat16, so bfloat16 activations travel as their int16 bit patterns; the
     client views them back as bfloat16 without a copy.
     """
-    served = activations[keep.to(activations.device)].contiguous().cpu()
+    served = served.contiguous().cpu()
     if served.dtype == torch.bfloat16:
         return served.view(torch.int16).numpy()
     return served.numpy()
@@ -179,6 +193,9 @@ class _ActivationServer:
         self.lm_forward_batches = 0
         self.served_tokens = {hookpoint: 0 for hookpoint in config.hookpoints}
         self.norm_estimate_forward_tokens = 0
+        self.reused_estimate_batches = 0
+        # Served arrays of the estimate's batches, by sequence number, until served.
+        self._estimate_arrays: dict[int, dict[str, np.ndarray]] = {}
         self.norm_scales = self._estimate_norm_scales()
 
         self._batches = iter(self._token_stream())
@@ -261,9 +278,12 @@ class _ActivationServer:
         """Return the server's node and hookpoints, and counters: forward tokens, served
         tokens, held batches and subscribers.
 
-        ``lm_forward_tokens`` counts every position of the batches run forward for
-        subscribers. The one-time forward passes of the normalization estimate are counted
-        apart, in ``norm_estimate_forward_tokens``.
+        ``lm_forward_tokens`` counts every position of the batches served to subscribers,
+        each run forward once. The normalization estimate runs the stream's first batches
+        forward before anyone subscribes and keeps their activations, so the first batches
+        served are not run again (``reused_estimate_batches`` counts them).
+        ``norm_estimate_forward_tokens`` counts the estimate's positions not served, so the
+        two counters add up to every position the model ran forward.
         """
         return {
             "incarnation": self.incarnation,
@@ -272,6 +292,7 @@ class _ActivationServer:
             "lm_forward_tokens": self.lm_forward_tokens,
             "lm_forward_batches": self.lm_forward_batches,
             "norm_estimate_forward_tokens": self.norm_estimate_forward_tokens,
+            "reused_estimate_batches": self.reused_estimate_batches,
             "served_tokens": dict(self.served_tokens),
             "next_seq": self._fanout.next_seq,
             "held_batches": self._fanout.held_counts(),
@@ -299,13 +320,17 @@ class _ActivationServer:
                     return
                 hookpoints = self._fanout.active_hookpoints()
                 batch = self._token_batch(seq)
-                activations = run_hookpoints(self.model, batch.tokens.to(self.config.device), hookpoints)
+                arrays = self._kept_arrays(seq, batch)
+                if arrays is None:
+                    activations = run_hookpoints(self.model, batch.tokens.to(self.config.device), hookpoints)
+                    arrays = {hookpoint: _served_array(activations[hookpoint], batch.keep) for hookpoint in hookpoints}
+                    del activations
                 published = {}
                 for hookpoint in hookpoints:
-                    array = _served_array(activations[hookpoint], batch.keep)
+                    array = arrays[hookpoint]
                     published[hookpoint] = HeldBatch(seq, ray.put(array), array.shape[0])
                     self.served_tokens[hookpoint] += array.shape[0]
-                del activations
+                del arrays
                 self.lm_forward_tokens += batch.tokens.numel()
                 self.lm_forward_batches += 1
                 self._fanout.publish(seq, published)
@@ -326,6 +351,19 @@ class _ActivationServer:
     def _token_stream(self) -> TokenStream:
         return open_token_stream(self.config, self.tokenizer, self.info.token_policy())
 
+    def _kept_arrays(self, seq: int, batch: TokenBatch) -> dict[str, np.ndarray] | None:
+        """Return the estimate's served arrays of batch ``seq`` and forget them, or None.
+
+        Kept batches before ``seq`` are dropped too: a stream resumed later never serves them.
+        """
+        for earlier in [kept for kept in self._estimate_arrays if kept < seq]:
+            del self._estimate_arrays[earlier]
+        arrays = self._estimate_arrays.pop(seq, None)
+        if arrays is not None:
+            self.reused_estimate_batches += 1
+            self.norm_estimate_forward_tokens -= batch.tokens.numel()
+        return arrays
+
     # -- normalization -----------------------------------------------------------------------
 
     def _estimate_norm_scales(self) -> dict[str, float]:
@@ -334,16 +372,27 @@ class _ActivationServer:
         This is SAELens's ``expected_average_only_in`` normalization: multiplying
         activations by the scale makes their mean squared norm about ``d_in``. The estimate
         reads the first ``norm_estimate_tokens`` served positions of the stream, so a
-        restarted server computes the same scales.
+        restarted server computes the same scales. The served activations of these batches
+        are kept, up to ``norm_estimate_keep_bytes``, to be served as the stream's first
+        batches.
         """
         hookpoints = list(self.config.hookpoints)
         norm_sums = {hookpoint: 0.0 for hookpoint in hookpoints}
         n_tokens = 0
-        for batch in self._token_stream():
+        kept_bytes = 0
+        for seq, batch in enumerate(self._token_stream()):
             activations = run_hookpoints(self.model, batch.tokens.to(self.config.device), hookpoints)
+            arrays = {}
             for hookpoint in hookpoints:
                 served = activations[hookpoint][batch.keep.to(self.config.device)]
                 norm_sums[hookpoint] += served.double().norm(dim=-1).sum().item()
+                arrays[hookpoint] = _as_array(served)
+            del activations
+            size = sum(array.nbytes for array in arrays.values())
+            # Only a run of batches from the stream's start can be served without a gap.
+            if len(self._estimate_arrays) == seq and kept_bytes + size <= self.config.norm_estimate_keep_bytes:
+                self._estimate_arrays[seq] = arrays
+                kept_bytes += size
             n_tokens += int(batch.keep.sum())
             self.norm_estimate_forward_tokens += batch.tokens.numel()
             if n_tokens >= self.config.norm_estimate_tokens:
