@@ -401,7 +401,7 @@ def sweep_experiment(
     pass feeds all of them. There is no held-out evaluation and no checkpoint, so the
     sweep's time is serving and training. ``coefficients`` overrides the sparsity values
     searched per coefficient name (a list is a grid). ``saes_per_trial`` and ``autocast``
-    set ``tune.saes_per_trial`` and ``training.autocast``; ``trial_nice``, when given, sets
+    set ``tune.saes_per_trial`` and ``training.autocast``. ``trial_nice``, when given, sets
     ``tune.trial_nice``.
     """
     search: dict[str, Any] = {"architectures": architectures, "expansion_factors": expansion_factors}

@@ -208,7 +208,7 @@ def plot(settings: Settings, results: dict[str, Any], path: str) -> None:
     axis.bar([p - 0.2 for p in positions], whole, width=0.4, label="whole sweep")
     axis.bar([p + 0.2 for p in positions], steady, width=0.4, label="steady state")
     axis.axhline(peaks["float32"] / 1e9, color="gray", linestyle="--", label="float32 matmul peak")
-    axis.set_xticks(list(positions), names, fontsize=8)
+    axis.set_xticks(list(positions), names, fontsize=8, rotation=30, ha="right")
     axis.set_ylabel("useful GFLOP/s")
     axis.set_title(
         f"Sweep utilization, {os.cpu_count()} CPU cores (bfloat16 peak {peaks['bfloat16'] / 1e9:.0f} GFLOP/s)",

@@ -34,6 +34,6 @@ def test_example_smoke_run(tmp_path, experiment, overrides):
     completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-4000:]
-    assert "2 trials done, 0 failed" in completed.stdout, completed.stdout[-2000:]
+    assert "2 SAEs done, 0 failed" in completed.stdout, completed.stdout[-2000:]
     assert list(tmp_path.glob("tune/*-smoke/*/checkpoint_*/**/sae/cfg.json"))
     assert not (tmp_path / "mlruns").exists()

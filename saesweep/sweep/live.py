@@ -73,7 +73,7 @@ class LiveView(Callback):
         """Write the closing summary of a finished sweep."""
         failed = [t for t in result.trials if not t.ok]
         self.write(
-            f"sweep {result.experiment}: {len(result.trials) - len(failed)} trials done, {len(failed)} failed, "
+            f"sweep {result.experiment}: {len(result.trials) - len(failed)} SAEs done, {len(failed)} failed, "
             f"{result.tokens_trained:,} tokens trained from {result.lm_forward_tokens:,} model forward tokens "
             f"(sharing ratio {result.sharing_ratio:.2f}) in {result.wall_time_s:.0f} s"
         )
