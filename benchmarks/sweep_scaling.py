@@ -159,23 +159,27 @@ def measure(settings: Settings, data: dict[str, Any], trials: int, expansion_fac
         "expansion_factor": expansion_factor,
         "d_sae": d_in * expansion_factor,
         "sae_flops_per_token": sae,
-        "forward_tokens_one_at_a_time": trials * forward_tokens_alone(settings, run["norm_estimate_forward_tokens"]),
+        "forward_tokens_one_at_a_time": trials * forward_tokens_alone(settings),
         "useful_flops_per_s": needed["total"] / run["sweep_wall_s"],
         "steady_useful_flops_per_s": run["steady_tokens_per_s"] * needed["per_trained_token"],
     }
 
 
-def forward_tokens_alone(settings: Settings, norm_estimate_tokens: int) -> int:
+def forward_tokens_alone(settings: Settings) -> int:
     """Return the forward tokens one trial needs when it computes its own activations, at least.
 
-    That is its normalization estimate, plus the whole forward batches that serve its training
-    tokens and the half of the shuffle buffer that still contains tokens when training ends.
-    Batches a server computes ahead (``max_batches_in_flight``) are not counted.
+    These are the whole forward batches that serve its training tokens and the half of the
+    shuffle buffer that still contains tokens when training ends. The normalization estimate
+    reads the first of these batches, as a server does, so it adds nothing while it needs
+    fewer tokens than training. Batches a server computes ahead (``max_batches_in_flight``)
+    are not counted.
     """
     served_per_batch = settings.sequences_per_batch * (settings.context_size - 1)
-    needed = settings.tokens_per_trial + 4 * settings.batch_size // 2
+    # The shuffle buffer and the normalization estimate both hold 4 batches (see experiment_data).
+    buffer_tokens = estimate_tokens = 4 * settings.batch_size
+    needed = max(settings.tokens_per_trial + buffer_tokens // 2, estimate_tokens)
     batches = -(-needed // served_per_batch)
-    return norm_estimate_tokens + batches * settings.sequences_per_batch * settings.context_size
+    return batches * settings.sequences_per_batch * settings.context_size
 
 
 def summarize(settings: Settings, results: dict[str, Any]) -> str:
@@ -183,7 +187,7 @@ def summarize(settings: Settings, results: dict[str, Any]) -> str:
         f"hookpoint {settings.hookpoint}, {settings.tokens_per_trial} tokens per trial, "
         f"batches of {settings.batch_size}",
         "",
-        "| trials | d_sae | wall s | lm_forward_tokens | with normalization estimate | "
+        "| trials | d_sae | wall s | lm_forward_tokens | with unserved normalization estimate | "
         "one at a time would run, at least | tokens trained | steady tokens/s, all trials | "
         "useful GFLOP/s | steady GFLOP/s | peak memory GiB |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
