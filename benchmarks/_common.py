@@ -393,7 +393,6 @@ def sweep_experiment(
     coefficients: dict[str, list[float]] | None = None,
     saes_per_trial: int = 1,
     autocast: bool = False,
-    trial_nice: int | None = None,
 ) -> dict[str, Any]:
     """Return experiment-file data for a benchmark sweep, run in one wave with tracking off.
 
@@ -401,8 +400,7 @@ def sweep_experiment(
     pass feeds all of them. There is no held-out evaluation and no checkpoint, so the
     sweep's time is serving and training. ``coefficients`` overrides the sparsity values
     searched per coefficient name (a list is a grid). ``saes_per_trial`` and ``autocast``
-    set ``tune.saes_per_trial`` and ``training.autocast``. ``trial_nice``, when given, sets
-    ``tune.trial_nice``.
+    set ``tune.saes_per_trial`` and ``training.autocast``.
     """
     search: dict[str, Any] = {"architectures": architectures, "expansion_factors": expansion_factors}
     for architecture in architectures:
@@ -436,7 +434,6 @@ def sweep_experiment(
             "max_concurrent_trials": n_trials,
             "resources_per_trial": {"cpu": trial_cpus},
             "saes_per_trial": saes_per_trial,
-            **({} if trial_nice is None else {"trial_nice": trial_nice}),
         },
         "servers": {
             "resources": {"cpu": server_cpus},

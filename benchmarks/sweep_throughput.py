@@ -146,8 +146,7 @@ def build_experiment(
         log_every_steps=settings.log_every_steps,
         # Each trial gets one torch thread: 0.1 CPU when it trains one SAE, 0.25 when it trains several.
         trial_cpus=0.1 if saes_per_trial == 1 else 0.25,
-        # The server runs the forward pass on every core. Trials run at a lower priority
-        # (tune.trial_nice), so they take the cores the server leaves.
+        # The server runs the forward pass on every core, so it is not the bottleneck.
         server_cpus=settings.threads,
         saes_per_trial=saes_per_trial,
     )

@@ -15,8 +15,6 @@ several variants, one after another on one local Ray instance:
 - packed: float32, the SAEs of each hookpoint trained together in one trial
   (``tune.saes_per_trial: 3``), so one trial process per hookpoint;
 - packed-server-2: packed, the activation server with 2 CPUs (2 torch threads);
-- packed-server-2-nice-0: the same with trials at the server's CPU priority
-  (``tune.trial_nice: 0``; every other variant runs trials at nice 10, the default);
 - packed-bf16: packed-server-2, with the model in bfloat16 and SAE training under autocast.
 
 For each variant it reports the sweep's wall time and its useful FLOPs per second (model
@@ -60,10 +58,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "packed": {"model_dtype": "float32", "sae_dtype": "float32", "saes_per_trial": 3, "trial_cpus": 0.25},
     "packed-server-2": {
         "model_dtype": "float32", "sae_dtype": "float32", "saes_per_trial": 3, "trial_cpus": 0.25, "server_cpus": 2.0,
-    },
-    "packed-server-2-nice-0": {
-        "model_dtype": "float32", "sae_dtype": "float32", "saes_per_trial": 3, "trial_cpus": 0.25, "server_cpus": 2.0,
-        "trial_nice": 0,
     },
     "packed-bf16": {
         "model_dtype": "bfloat16", "sae_dtype": "float32", "autocast": True, "saes_per_trial": 3, "trial_cpus": 0.25,
@@ -146,7 +140,6 @@ def experiment_data(settings: Settings, variant: str, output_dir: str) -> dict[s
         sae_dtype=options["sae_dtype"],
         trial_cpus=options.get("trial_cpus", 0.1),
         server_cpus=options.get("server_cpus", 1.0),
-        trial_nice=options.get("trial_nice"),
         saes_per_trial=options.get("saes_per_trial", 1),
         autocast=options.get("autocast", False),
     )

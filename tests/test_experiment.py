@@ -350,10 +350,6 @@ BAD_FILES = [
     ("several SAEs per trial with asha",
      {"tune.saes_per_trial": 3, "tune.scheduler": "asha", "tune.asha.grace_period_tokens": 1000},
      "tune.saes_per_trial", "3", "use scheduler fifo"),
-    ("negative trial nice value", {"tune.trial_nice": -1},
-     "tune.trial_nice", "-1", "use 0 for the default priority"),
-    ("trial nice value above 19", {"tune.trial_nice": 20},
-     "tune.trial_nice", "20", "use a value from 0 to 19"),
 ]
 
 

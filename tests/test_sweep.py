@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -342,19 +340,3 @@ def test_packed_saes_own_mlflow_runs(packed_sweep):
     version = client.get_model_version(registered["name"], registered["version"])
     assert version.run_id == by_id[champion.trial_id].info.run_id
 
-
-def test_trial_priority_is_set_not_added():
-    # Each call sets the nice value, so a worker process that runs a second trial keeps 10.
-    script = (
-        "import os\n"
-        "from saesweep.sweep.trial import _lower_priority\n"
-        "start = os.nice(0)\n"
-        "_lower_priority(10)\n"
-        "_lower_priority(10)\n"
-        "_lower_priority(0)\n"
-        "print(start, os.nice(0))\n"
-    )
-    start, after = subprocess.run(
-        [sys.executable, "-c", script], check=True, capture_output=True, text=True
-    ).stdout.split()
-    assert int(after) == max(int(start), 10)

@@ -70,11 +70,6 @@ class TuneSection:
     MLflow imports, shuffle buffer) and, on few cores, the contention of many
     processes. It needs search_alg grid or random and scheduler fifo, since Optuna
     and ASHA decide about one SAE at a time."""
-    trial_nice: int = 10
-    """Unix nice value of trial processes. Every trial waits for its server's forward
-    pass, so trials run at a lower CPU priority than the activation servers. Where
-    trials and a CPU server share cores, the server runs first and trials take the
-    cores it leaves. 0 keeps the default priority; the highest value is 19."""
     prefer_server_node: bool = True
     """Start each trial on the node of the activation server for its hookpoint when
     that node has the trial's resources free, so that activations cross the network

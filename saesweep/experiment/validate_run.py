@@ -144,9 +144,6 @@ def _check_tune(exp: ExperimentConfig, errors: ErrorCollector) -> None:
                 "use scheduler fifo, or saes_per_trial 1.",
                 related=("tune.scheduler",),
             )
-    if _at_least(errors, "tune.trial_nice", tune.trial_nice, 0, "use 0 for the default priority, or up to 19.") \
-            and tune.trial_nice > 19:
-        errors.add("tune.trial_nice", tune.trial_nice, "must be at most 19", "use a value from 0 to 19, e.g. 10.")
     if tune.scheduler != "asha":
         return
     asha = tune.asha

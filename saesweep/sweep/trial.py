@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import tempfile
 import threading
@@ -85,18 +84,6 @@ def _torch_threads() -> int:
     except Exception:  # noqa: BLE001 - outside Ray: keep torch's default
         return torch.get_num_threads()
     return max(1, math.floor(cpus))
-
-
-def _lower_priority(nice: int) -> None:
-    """Raise this process's nice value to ``nice``, so activation servers run first.
-
-    The nice value is set, not incremented, so a reused worker process keeps it.
-    """
-    if not hasattr(os, "nice"):
-        return
-    current = os.nice(0)
-    if nice > current:
-        os.nice(nice - current)
 
 
 def _install_sigterm_checkpoint(trainers: list[SAETrainer]) -> None:
@@ -287,7 +274,6 @@ def run_trial(
     configs = trial_members(config)
     packed = PACK_KEY in config
     torch.set_num_threads(_torch_threads())
-    _lower_priority(exp.tune.trial_nice)
     logger.info("trial %s starts: hookpoint %s, %d SAE(s): %s", trial_id, hookpoint, len(configs), configs)
 
     server = ray.get_actor(routes.train[hookpoint], namespace=routes.namespace)
