@@ -523,7 +523,9 @@ def test_clients_continue_after_server_restart(ray_session, local_models):
         ]
         scales = [client.norm_scale for client in clients]
         first_incarnation = ray.get(handle.stats.remote())["incarnation"]
-        readers = Readers([(client, 60) for client in clients])
+        # A client that has read its batches unsubscribes, as a finished trainer does, so it
+        # cannot hold back the producer while the other client still reads.
+        readers = Readers([(client, 60) for client in clients], close=True)
         wait_until(lambda: all(c.tokens_delivered >= 2000 for c in clients), "both clients read 2000 tokens")
         received_before_kill = [len(client.batches_received) for client in clients]
         ray.kill(handle, no_restart=False)
