@@ -382,16 +382,16 @@ class _ActivationServer:
         kept_bytes = 0
         for seq, batch in enumerate(self._token_stream()):
             activations = run_hookpoints(self.model, batch.tokens.to(self.config.device), hookpoints)
-            arrays = {}
-            for hookpoint in hookpoints:
-                served = activations[hookpoint][batch.keep.to(self.config.device)]
-                norm_sums[hookpoint] += served.double().norm(dim=-1).sum().item()
-                arrays[hookpoint] = _as_array(served)
+            served = {
+                hookpoint: activations[hookpoint][batch.keep.to(self.config.device)] for hookpoint in hookpoints
+            }
             del activations
-            size = sum(array.nbytes for array in arrays.values())
+            for hookpoint, tensor in served.items():
+                norm_sums[hookpoint] += tensor.double().norm(dim=-1).sum().item()
+            size = sum(tensor.numel() * tensor.element_size() for tensor in served.values())
             # Only a run of batches from the stream's start can be served without a gap.
             if len(self._estimate_arrays) == seq and kept_bytes + size <= self.config.norm_estimate_keep_bytes:
-                self._estimate_arrays[seq] = arrays
+                self._estimate_arrays[seq] = {hookpoint: _as_array(tensor) for hookpoint, tensor in served.items()}
                 kept_bytes += size
             n_tokens += int(batch.keep.sum())
             self.norm_estimate_forward_tokens += batch.tokens.numel()
